@@ -14,8 +14,8 @@ from tlcm.math.schedule import CLEAN, alpha_sigma, alphas_cumprod_from_config, b
 from tlcm.math.solvers import (
     cfg_combine,
     ddim_step,
-    guidance_lcm_to_imagen,
     guidance_imagen_to_lcm,
+    guidance_lcm_to_imagen,
     renoise,
 )
 from tlcm.math.timesteps import (

@@ -18,7 +18,9 @@ def renoise(
     sigma_t: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """Sample ``q(z_t | z_s)`` for ``t >= s``: ``z_t = (alpha_t/alpha_s) z_s + sqrt(sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2) n``.
+    """Sample ``q(z_t | z_s)`` for ``t >= s``.
+
+    ``z_t = r z_s + sqrt(sigma_t^2 - r^2 sigma_s^2) n`` with ``r = alpha_t / alpha_s``.
 
     With ``s`` clean (``alpha_s = 1, sigma_s = 0``) this is the usual forward process ``alpha_t x0 + sigma_t n``.
     """

@@ -1,0 +1,143 @@
+"""Loading teachers and turning prompts into UNet conditioning, for SD1.5/2.1-like and SDXL-like pipelines.
+
+One code path serves a hub id, a local ``save_pretrained`` folder and the shipped toy teacher (``"toy"``): all go
+through ``DiffusionPipeline.from_pretrained``. Text conditioning is computed by the pipeline's own ``encode_prompt``
+so training sees exactly the states that inference will.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tlcm.errors import TLCMError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"fp16"``/``"float16"``/... to a torch dtype, with a clear error for anything else."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise TLCMError(f"unknown dtype {name!r}", f"use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when present, else CPU; an unavailable CUDA request is a user error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TLCMError(f"device {device!r} requested but CUDA is not available", "pass --device cpu")
+    return dev
+
+
+def resolve_model_path(model: str) -> str:
+    """Map ``"toy"`` to the shipped toy teacher's folder; check local folders; leave hub ids as they are."""
+    if model == "toy":
+        try:
+            from tlcm.toy import teacher_path
+        except ImportError as err:  # pragma: no cover - the toy world ships with the package
+            raise TLCMError("the toy teacher is not available in this installation", "reinstall tlcm") from err
+        return str(teacher_path())
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_local:
+        if not path.exists():
+            raise TLCMError(f"model path {model!r} does not exist",
+                            "pass a diffusers pipeline folder, a hub id such as 'org/name', or 'toy'")
+        if path.is_dir() and not (path / "model_index.json").exists():
+            raise TLCMError(f"{model!r} is a folder without model_index.json, so it is not a diffusers pipeline",
+                            "pass the folder written by pipe.save_pretrained(), or a single .safetensors checkpoint")
+    return str(path) if looks_local else model
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    # diffusers renamed ``torch_dtype`` to ``dtype`` (0.36); older releases only know the first.
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": dtype}
+
+
+def load_pipeline(model: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = torch.float32):
+    """Load a text-to-image ``DiffusionPipeline`` (hub id, local folder or ``"toy"``) onto ``device`` in ``dtype``."""
+    from diffusers import DiffusionPipeline
+
+    dtype = parse_dtype(dtype)
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    source = resolve_model_path(model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **_dtype_kwarg(dtype))
+    except (OSError, ValueError) as err:
+        raise TLCMError(
+            f"could not load a diffusers pipeline from {model!r}: {str(err).splitlines()[0]}",
+            "check the hub id or path; without internet, a hub id must already be in the local HF cache",
+        ) from err
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+        raise TLCMError(f"{model!r} loaded as {type(pipe).__name__}, which has no UNet and VAE",
+                        "tlcm distils latent UNet pipelines (Stable Diffusion 1.x/2.x, SDXL and fine-tunes)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def is_sdxl(pipe) -> bool:
+    """SDXL-like pipelines carry a second text encoder and ``text_time`` added conditioning."""
+    return getattr(pipe, "text_encoder_2", None) is not None or (
+        getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    )
+
+
+@dataclass
+class Conditioning:
+    """What the UNet needs besides ``(z_t, t)``: ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``."""
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    def unet_kwargs(self) -> dict:
+        kw = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.added_cond_kwargs is not None:
+            kw["added_cond_kwargs"] = self.added_cond_kwargs
+        return kw
+
+    def index(self, idx) -> Conditioning:
+        extra = None if self.added_cond_kwargs is None else {k: v[idx] for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states[idx], extra)
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        extra = None
+        if items[0].added_cond_kwargs is not None:
+            extra = {k: torch.cat([c.added_cond_kwargs[k] for c in items]) for k in items[0].added_cond_kwargs}
+        return Conditioning(torch.cat([c.encoder_hidden_states for c in items]), extra)
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        extra = None
+        if self.added_cond_kwargs is not None:
+            extra = {k: v.to(device=device, dtype=dtype) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states.to(device=device, dtype=dtype), extra)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
+    """UNet conditioning for ``prompts`` via the pipeline's own ``encode_prompt`` (``""`` is the unconditional)."""
+    device = pipe.unet.device
+    if is_sdxl(pipe):
+        h = height or pipe.default_sample_size * pipe.vae_scale_factor
+        w = width or pipe.default_sample_size * pipe.vae_scale_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+        time_ids = pipe._get_add_time_ids(
+            (h, w), (0, 0), (h, w), dtype=embeds.dtype, text_encoder_projection_dim=proj_dim
+        ).to(device)
+        return Conditioning(embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)})
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return Conditioning(embeds)
