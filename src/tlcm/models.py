@@ -1,12 +1,15 @@
 """Loading teachers and turning prompts into UNet conditioning, for SD1.5/2.1-like and SDXL-like pipelines.
 
 One code path serves a hub id, a local ``save_pretrained`` folder and the shipped toy teacher (``"toy"``): all go
-through ``DiffusionPipeline.from_pretrained``. Text conditioning is computed by the pipeline's own ``encode_prompt``
-so training sees exactly the states that inference will.
+through ``DiffusionPipeline.from_pretrained``. A single ``.safetensors``/``.ckpt`` checkpoint (A1111/ComfyUI style) goes
+through ``from_single_file`` of the SD or SDXL pipeline class, picked from the checkpoint's keys; offline it needs
+``config=`` (a local pipeline folder with the matching component configs). Text conditioning is computed by the
+pipeline's own ``encode_prompt`` so training sees exactly the states that inference will.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,25 +68,120 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype" if Version(diffusers.__version__) >= Version("0.36") else "torch_dtype": dtype}
 
 
-def load_pipeline(model: str, device: str | torch.device | None = "cpu", dtype: str | torch.dtype = torch.float32):
-    """Load a text-to-image ``DiffusionPipeline`` (hub id, local folder or ``"toy"``) onto ``device`` in ``dtype``."""
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_single_file_checkpoint(model: str | Path) -> bool:
+    """True for a local file with a checkpoint suffix (``.safetensors``, ``.ckpt``, ...), as ``--model`` accepts."""
+    path = Path(str(model)).expanduser()
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
+
+
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """The tensor names of a single-file checkpoint, read without loading the tensors where the format allows."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise TLCMError(f"could not read the checkpoint {str(path)!r}: {str(err).splitlines()[0] if str(err) else err}",
+                        "pass an intact .safetensors/.ckpt Stable Diffusion checkpoint") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return list(state) if isinstance(state, dict) else []
+
+
+def is_sdxl_checkpoint(keys: list[str]) -> bool:
+    """SDXL single files carry a second text encoder (``conditioner.embedders.1``) and the ``label_emb`` of its UNet."""
+    return any(k.startswith(("conditioner.embedders.1.", "model.diffusion_model.label_emb.")) for k in keys)
+
+
+def _single_file_pipeline(path: Path, model: str, config: str | Path | None, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    keys = checkpoint_keys(path)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise TLCMError(f"{model!r} has no 'model.diffusion_model.*' tensors, so it is not a Stable Diffusion "
+                        "checkpoint",
+                        "pass a full SD1.x/2.x/SDXL checkpoint; a LoRA file goes to --lora, not --model")
+    sdxl = is_sdxl_checkpoint(keys)
+    kwargs: dict = {}
+    if config is not None:
+        cfg = Path(config).expanduser()
+        if not (cfg / "model_index.json").is_file():
+            raise TLCMError(f"--config {str(config)!r} is not a diffusers pipeline folder (no model_index.json)",
+                            "pass a local folder written by save_pretrained (or a downloaded hub snapshot) with the "
+                            "configs that match the checkpoint")
+        class_name = json.loads((cfg / "model_index.json").read_text()).get("_class_name", "")
+        if "XL" in class_name:
+            sdxl = True
+        elif class_name:
+            sdxl = False
+        kwargs["config"] = str(cfg)
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    if not sdxl:
+        kwargs["load_safety_checker"] = False
+    try:
+        return cls.from_single_file(str(path), **kwargs, **_dtype_kwarg(dtype))
+    except Exception as err:  # diffusers raises many types here (OSError, ValueError, HTTP errors, KeyError)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if config is None:
+            raise TLCMError(
+                f"could not load the single-file checkpoint {model!r} as {cls.__name__}: {first}",
+                "diffusers needs the original model's component configs, which it fetches from the hub; offline, "
+                "pass --config DIR with a local pipeline folder of the same architecture (e.g. a saved SD1.5 or SDXL "
+                "base pipeline)",
+            ) from err
+        raise TLCMError(
+            f"could not load the single-file checkpoint {model!r} with the configs in {str(config)!r}: {first}",
+            "check that --config is a pipeline of the same architecture as the checkpoint (SD1.x vs SDXL)",
+        ) from err
+
+
+def load_pipeline(
+    model: str,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    config: str | Path | None = None,
+):
+    """Load a text-to-image pipeline (hub id, local folder, ``"toy"`` or a single-file checkpoint) onto ``device``.
+
+    ``config`` is only used for single-file checkpoints: a local pipeline folder whose component configs match it.
+    """
     from diffusers import DiffusionPipeline
 
     dtype = parse_dtype(dtype)
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     source = resolve_model_path(model)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, **_dtype_kwarg(dtype))
-    except (OSError, ValueError) as err:
-        raise TLCMError(
-            f"could not load a diffusers pipeline from {model!r}: {str(err).splitlines()[0]}",
-            "check the hub id or path; without internet, a hub id must already be in the local HF cache",
-        ) from err
+    if is_single_file_checkpoint(source):
+        pipe = _single_file_pipeline(Path(source), model, config, dtype)
+    else:
+        if Path(source).is_file():
+            raise TLCMError(f"model path {model!r} is a file but not a checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})",
+                            "pass a diffusers pipeline folder, a hub id, 'toy' or a .safetensors checkpoint")
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, **_dtype_kwarg(dtype))
+        except (OSError, ValueError, KeyError) as err:
+            raise TLCMError(
+                f"could not load a diffusers pipeline from {model!r}: {str(err).splitlines()[0]}",
+                "check the hub id or path; without internet, a hub id must already be in the local HF cache",
+            ) from err
     if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
         raise TLCMError(f"{model!r} loaded as {type(pipe).__name__}, which has no UNet and VAE",
                         "tlcm distils latent UNet pipelines (Stable Diffusion 1.x/2.x, SDXL and fine-tunes)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def default_image_size(pipe) -> tuple[int, int]:
+    """The (height, width) a pipeline generates when none is given: UNet sample size times the VAE factor."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
 
 
 def is_sdxl(pipe) -> bool:
