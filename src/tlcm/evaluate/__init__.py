@@ -1,0 +1,15 @@
+"""Evaluation: a (model or LoRA) x scheduler x steps x guidance grid, scored, timed and reported.
+
+- :mod:`tlcm.evaluate.metrics`: metric plugins (toy-FID and alignment; Inception FID; CLIP score; aesthetic).
+- :mod:`tlcm.evaluate.sweep`: the grid runner (:func:`run_sweep`), timing, network evaluations, peak memory.
+- :mod:`tlcm.evaluate.report`: results.json/.csv, the markdown table, PNG grids and plots.
+- :mod:`tlcm.evaluate.protocols`: presets (``toy``, ``coco2017-5k-sdxl``) and option resolution.
+- :mod:`tlcm.evaluate.prompts`: prompt files (text, tables, COCO captions), fixed counts and seeds.
+"""
+
+from tlcm.evaluate.metrics import MetricSpec, Reference, build_metrics
+from tlcm.evaluate.protocols import PROTOCOLS, config_from_options
+from tlcm.evaluate.sweep import ModelSpec, ReferenceSpec, SchedulerSpec, SweepConfig, run_sweep
+
+__all__ = ["PROTOCOLS", "MetricSpec", "ModelSpec", "Reference", "ReferenceSpec", "SchedulerSpec", "SweepConfig",
+           "build_metrics", "config_from_options", "run_sweep"]

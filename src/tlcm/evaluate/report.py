@@ -1,0 +1,292 @@
+"""Writing an evaluation's outputs: results.json/.csv, a markdown table, PNG grids and metric-vs-steps plots.
+
+Every file is written to a temporary name in its folder and moved into place (``os.replace``), so an interrupted run
+never leaves a half-written file that a resumed run would trust.
+
+Layout of an evaluation folder::
+
+    results.json      everything: per-cell rows, notices, reference, machine, protocol
+    results.csv       one row per cell
+    results.md        the markdown table (also printed by ``tlcm evaluate``)
+    grids/<cell>.png  the first images of each cell
+    overview.png      rows = method, columns = steps: the first images of every cell side by side
+    plots/<metric>.png metric vs steps, one line per method (model / scheduler / guidance)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# Columns that are bookkeeping, not quality metrics.
+INFO_KEYS = ("cell", "model", "scheduler", "steps", "guidance", "unet_calls", "cfg_factor", "nfe", "num_images",
+             "latency_s", "images_per_s", "wall_s", "peak_mem_mb", "peak_mem_kind", "lora", "lora_sampling")
+# Lower is better for these; higher for the rest.
+LOWER_IS_BETTER = ("fid", "toy_fid")
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (np.floating, np.integer)):
+        return _jsonable(x.item())
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def save_png(path: Path, image) -> None:
+    _atomic_bytes(path, _png_bytes(image))
+
+
+def image_grid(images, cols: int | None = None, scale: int = 1, pad: int = 2):
+    """Tile PIL images into one image (``cols`` per row; nearest-neighbour upscaling by ``scale``)."""
+    from PIL import Image
+
+    images = list(images)
+    if not images:
+        return Image.new("RGB", (1, 1), "white")
+    cols = cols or min(len(images), int(math.ceil(math.sqrt(len(images)))))
+    rows = int(math.ceil(len(images) / cols))
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), "white")
+    for i, im in enumerate(images):
+        im = im.convert("RGB")
+        if scale != 1:
+            im = im.resize((w, h), Image.Resampling.NEAREST)
+        r, c = divmod(i, cols)
+        grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def _scale_for(images, target: int = 96) -> int:
+    w = images[0].size[0] if images else target
+    return max(1, target // w)
+
+
+def save_grid(path: Path, images) -> None:
+    images = list(images)
+    save_png(path, image_grid(images, scale=_scale_for(images)))
+
+
+def save_thumbs(path: Path, images) -> None:
+    """The first images of a cell, kept (as uint8 arrays) so a resumed run can still draw the overview."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=arr)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def load_thumbs(path: Path):
+    from PIL import Image
+
+    with np.load(path) as data:
+        return [Image.fromarray(a) for a in data["images"]]
+
+
+def metric_keys(rows: list[dict]) -> list[str]:
+    """Quality-metric columns present in ``rows``, in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k not in INFO_KEYS and k not in keys and isinstance(v, (int, float)):
+                keys.append(k)
+    return keys
+
+
+def method_of(row: dict) -> str:
+    return f"{row['model']} / {row['scheduler']} / cfg {row['guidance']:g}"
+
+
+def _fmt(v, key: str = "") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "–"
+        if key == "latency_s":
+            return f"{v * 1000:.1f}"
+        if key in ("nfe", "unet_calls", "steps") and v == int(v):
+            return str(int(v))
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.3g}" if abs(v) < 1 else f"{v:.3f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+TABLE_INFO = (("model", "model"), ("scheduler", "scheduler"), ("steps", "steps"), ("guidance", "cfg"),
+              ("nfe", "NFE"))
+TABLE_COST = (("latency_s", "ms/img"), ("images_per_s", "img/s"), ("peak_mem_mb", "peak MB"))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = metric_keys(rows)
+    cols = [*TABLE_INFO, *((k, k) for k in keys), *TABLE_COST]
+    lines = ["| " + " | ".join(title for _, title in cols) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = [k for k in INFO_KEYS if k != "lora_sampling" and any(k in r for r in rows)] + metric_keys(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    write_text(path, buf.getvalue())
+
+
+def _direction(key: str) -> str:
+    return "lower is better" if key.startswith(LOWER_IS_BETTER) else "higher is better"
+
+
+def plot_metric(path: Path, rows: list[dict], key: str) -> bool:
+    """Metric vs steps, one line per method; ``False`` when no row has the metric."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            lines.setdefault(method_of(r), []).append((int(r["steps"]), float(v)))
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    all_steps = set()
+    for name, pts in lines.items():
+        pts.sort()
+        all_steps.update(s for s, _ in pts)
+        style = "o-" if len(pts) > 1 else "s"
+        ax.plot([s for s, _ in pts], [v for _, v in pts], style, label=name, markersize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(all_steps))
+    ax.set_xticklabels([str(s) for s in sorted(all_steps)])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(key)
+    ax.set_title(f"{key} vs steps ({_direction(key)})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    _atomic_bytes(path, buf.getvalue())
+    return True
+
+
+def overview_image(out: Path, rows: list[dict], per_cell: int = 4):
+    """Rows = methods, columns = step counts; each tile shows the cell's first ``per_cell`` images, labelled."""
+    from PIL import Image, ImageDraw
+
+    methods: dict[str, dict[int, str]] = {}
+    for r in rows:
+        methods.setdefault(method_of(r), {})[int(r["steps"])] = r["cell"]
+    steps = sorted({int(r["steps"]) for r in rows})
+    tiles: dict[str, Image.Image] = {}
+    for cells in methods.values():
+        for cid in cells.values():
+            p = out / "thumbs" / f"{cid}.npz"
+            if p.is_file():
+                imgs = load_thumbs(p)[:per_cell]
+                tiles[cid] = image_grid(imgs, cols=per_cell, scale=_scale_for(imgs, 64), pad=1)
+    if not tiles:
+        return None
+    tw = max(t.size[0] for t in tiles.values())
+    th = max(t.size[1] for t in tiles.values())
+    label_w, head_h, pad = 230, 18, 6
+    canvas = Image.new("RGB", (label_w + len(steps) * (tw + pad) + pad, head_h + len(methods) * (th + pad) + pad),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, s in enumerate(steps):
+        draw.text((label_w + j * (tw + pad) + tw // 2 - 20, 3), f"{s} step{'s' if s > 1 else ''}", fill="black")
+    for i, (name, cells) in enumerate(methods.items()):
+        y = head_h + i * (th + pad)
+        draw.text((4, y + th // 2 - 6), name, fill="black")
+        for j, s in enumerate(steps):
+            if s in cells and cells[s] in tiles:
+                canvas.paste(tiles[cells[s]], (label_w + j * (tw + pad), y))
+    return canvas
+
+
+def write_report(out: Path, results: dict) -> None:
+    """All report files for ``results`` (as returned by :func:`tlcm.evaluate.sweep.run_sweep`)."""
+    out = Path(out)
+    rows = results["cells"]
+    write_json(out / "results.json", results)
+    write_csv(out / "results.csv", rows)
+    plots = []
+    for key in metric_keys(rows) + ["latency_s"]:
+        if plot_metric(out / "plots" / f"{key}.png", rows, key):
+            plots.append(key)
+    ov = overview_image(out, rows)
+    if ov is not None:
+        save_png(out / "overview.png", ov)
+    write_text(out / "results.md", render_markdown(results, plots, overview=ov is not None))
+
+
+def render_markdown(results: dict, plots: list[str], overview: bool = True, link_prefix: str = "") -> str:
+    rows = results["cells"]
+    md = [f"# Evaluation{' — protocol ' + results['protocol'] if results.get('protocol') else ''}", ""]
+    machine = results.get("machine", {})
+    md.append(f"{results.get('num_prompts')} prompts; {results.get('created')}; device {machine.get('device')} "
+              f"({machine.get('cpu_threads')} threads), torch {machine.get('torch')}.")
+    if results.get("command"):
+        md += ["", f"Command: `{results['command']}`"]
+    ref = results.get("reference", {})
+    if ref.get("teacher"):
+        md += ["", f"`*_teacher` metrics compare with the teacher's samples: {ref['teacher']} (same prompts, seeds)."]
+    if ref.get("data"):
+        md += ["", f"`*_data` metrics compare with data images ({ref['data']})."]
+    md += ["", f"NFE: {results.get('nfe_note')}. Latency: wall time per image over the whole cell "
+               "(batched), after a warm-up.", "", markdown_table(rows), ""]
+    if results.get("notices"):
+        md += ["Skipped:", ""] + [f"- {n}" for n in results["notices"]] + [""]
+    if overview:
+        md += [f"![samples: rows = method, columns = steps]({link_prefix}overview.png)", ""]
+    for key in plots:
+        md.append(f"![{key} vs steps]({link_prefix}plots/{key}.png)")
+    return "\n".join(md) + "\n"
