@@ -4,4 +4,12 @@ __version__ = "0.1.0"
 
 from tlcm.errors import TLCMError  # noqa: E402
 
-__all__ = ["TLCMError", "__version__"]
+__all__ = ["TLCMError", "TLCMScheduler", "__version__"]
+
+
+def __getattr__(name):  # lazy: `import tlcm` stays light; `from tlcm import TLCMScheduler` imports diffusers
+    if name == "TLCMScheduler":
+        from tlcm.scheduler import TLCMScheduler
+
+        return TLCMScheduler
+    raise AttributeError(f"module 'tlcm' has no attribute {name!r}")

@@ -20,10 +20,12 @@ from tlcm.math.solvers import (
 )
 from tlcm.math.timesteps import (
     lcm_inference_timesteps,
+    linspace_inference_timesteps,
     segment_edges,
     segment_index,
     segment_inference_timesteps,
     skipping_step_grid,
+    tcd_intermediate_timestep,
 )
 
 __all__ = [
@@ -38,11 +40,13 @@ __all__ = [
     "guidance_imagen_to_lcm",
     "guidance_lcm_to_imagen",
     "lcm_inference_timesteps",
+    "linspace_inference_timesteps",
     "model_output_to_x0_eps",
     "renoise",
     "segment_edges",
     "segment_index",
     "segment_inference_timesteps",
     "skipping_step_grid",
+    "tcd_intermediate_timestep",
     "x0_eps_to_model_output",
 ]

@@ -6,13 +6,19 @@ import torch
 
 
 def boundary_scalings(
-    t: torch.Tensor | int, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+    t: torch.Tensor | int,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(c_skip, c_out)`` at integer time ``t``: ``c_skip -> 1``, ``c_out -> 0`` as ``s t -> 0``.
 
     ``c_skip = sd^2 / ((s t)^2 + sd^2)``, ``c_out = s t / sqrt((s t)^2 + sd^2)``, as in diffusers' LCMScheduler.
+    Times below 0 (:data:`~tlcm.math.schedule.CLEAN`) are the clean end, where ``f`` is the identity
+    (``c_skip = 1``, ``c_out = 0``), not the formula at a negative time. ``dtype=torch.float32`` reproduces
+    LCMScheduler's float32 arithmetic on tensor timesteps.
     """
-    st = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    st = torch.as_tensor(t).to(dtype).clamp(min=0) * timestep_scaling
     denom = st**2 + sigma_data**2
     return sigma_data**2 / denom, st / denom.sqrt()
 

@@ -29,6 +29,13 @@ def lcm_inference_timesteps(
     Take the top ``strength`` fraction of the skipping-step grid, reverse it, and pick ``floor`` of evenly spaced
     indices (4 steps on the 50-step grid: 999, 759, 499, 259).
     """
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    if not 1 <= original_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"original_inference_steps must be in 1..{num_train_timesteps} (num_train_timesteps), "
+            f"got {original_inference_steps}"
+        )
     k = num_train_timesteps // original_inference_steps
     origin = np.arange(1, int(original_inference_steps * strength) + 1, dtype=np.int64) * k - 1
     if num_inference_steps > len(origin):
@@ -79,3 +86,37 @@ def segment_inference_timesteps(num_inference_steps: int, edges: np.ndarray) -> 
         raise ValueError(f"a {m}-segment model walks 1..{m} steps; got num_inference_steps={num_inference_steps}")
     idx = np.floor(np.linspace(0, m, num=num_inference_steps, endpoint=False)).astype(np.int64)
     return upper[idx].copy()
+
+
+# The official TLCM inference script walks a subset of trunc(linspace(T-1, 0, 9)) (the boundaries of 8 equal segments):
+# N steps use the first N indices of this priority list, sorted (4 steps: 999, 749, 499, 124 for T = 1000).
+_TLCM_LINSPACE_PRIORITY = (0, 4, 7, 2, 6, 5, 3, 1)
+
+
+def linspace_inference_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Descending times of the official TLCM inference script (OPPO-Mente-Lab/TLCM ``inference.py``).
+
+    For N <= 8 it takes N of the 8 upper points of ``trunc(linspace(T-1, 0, 9))``, by the script's table
+    (1: 999; 2: 999, 499; 3: 999, 499, 124; 4: 999, 749, 499, 124; ...; 8: 999, 874, ..., 124). For N > 8
+    (not in the script) it takes the N upper points of ``trunc(linspace(T-1, 0, N+1))``, which agrees at N = 8.
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be in 1..{num_train_timesteps}, got {num_inference_steps}")
+    if num_inference_steps > len(_TLCM_LINSPACE_PRIORITY):
+        return np.linspace(num_train_timesteps - 1, 0, num_inference_steps + 1).astype(np.int64)[:-1]
+    base = np.linspace(num_train_timesteps - 1, 0, len(_TLCM_LINSPACE_PRIORITY) + 1).astype(np.int64)
+    return base[sorted(_TLCM_LINSPACE_PRIORITY[:num_inference_steps])].copy()
+
+
+def tcd_intermediate_timestep(t_prev: int, gamma: float) -> int:
+    """TCD's intermediate time ``s = floor((1 - gamma) t_prev)`` (Zheng et al. 2024), with LCM at ``gamma = 1``.
+
+    ``gamma = 0``: ``s = t_prev`` (deterministic DDIM); ``gamma = 1``: ``s`` is :data:`CLEAN`, so the step is LCM's
+    "predict x0, re-noise to t_prev" exactly (diffusers' TCDScheduler uses ``s = 0`` there, one DDPM step short of
+    clean). ``t_prev == CLEAN`` (the last step) stays ``CLEAN``.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if t_prev < 0 or gamma == 1.0:
+        return CLEAN
+    return int(np.floor((1.0 - gamma) * t_prev))
