@@ -1,0 +1,333 @@
+"""One config for every distillation recipe: a dataclass, YAML presets, CLI ``key=value`` overrides, validation.
+
+Resolution order (later wins): dataclass defaults -> ``--preset NAME`` (``src/tlcm/configs/NAME.yaml``) ->
+``--config FILE.yaml`` -> explicit flags (``--recipe``, ``--teacher``, ...) -> ``--set key=value``. The resolved config
+is written as ``config.yaml`` next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tlcm.errors import TLCMError
+
+RECIPES = ("lcm", "mlcd", "tlcm")
+
+# LCM-LoRA's targets (diffusers' consistency-distillation LoRA scripts): attention and feed-forward projections ...
+LORA_TARGETS_LCM = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+# ... plus, with ``lora_conv``, the resnet convolutions and time-embedding projections (the released LoRAs' set).
+LORA_TARGETS_CONV = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class DistillConfig:
+    # what to distil, from what, to where
+    recipe: str = "lcm"  # lcm | mlcd | tlcm
+    teacher: str = ""  # hub id, diffusers folder, or "toy"
+    data: str = ""  # shards folder written by `tlcm synthesize`
+    output_dir: str = ""
+    seed: int = 0
+    device: str = "auto"
+
+    # student
+    student: str = "lora"  # lora | full
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS_LCM))
+    lora_conv: bool = True  # add LORA_TARGETS_CONV to the targets
+    init_lora: str = ""  # a previous run's output dir (its adapter/) to start the student from; required for tlcm
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
+    guidance_embedding: bool = False  # full LCM: embed w into timestep_cond (needs a UNet with time_cond_proj_dim)
+
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 8  # per process
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.95  # target network theta^- for a full fine-tune; a LoRA student uses itself (no grad)
+
+    # consistency distillation
+    num_ddim_timesteps: int = 50  # skipping-step grid (k = T / this)
+    w_min: float = 5.0  # LCM guidance w ~ U[w_min, w_max]; CFG is (1 + w) cond - w uncond
+    w_max: float = 15.0
+    loss_type: str = "huber"  # huber | l2
+    huber_c: float = 1e-3
+    boundary_condition: str = "lcm"  # lcm (c_skip/c_out) | none (plain x0)
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    num_segments: int = 4  # mlcd / tlcm
+
+    # TLCM stage 2
+    stage2_source: str = "student"  # student (own multistep samples, the paper) | data (synthetic shard latents)
+    stage2_sample_steps: int = 4
+    stage2_substeps: int = 3
+    stage2_times: str = "grid"  # grid (any skipping-grid time, span = one segment) | edges (segment boundaries only)
+
+    # extra losses (hook for DMD / adversarial / reward): {name: weight}
+    extra_losses: dict[str, float] = field(default_factory=dict)
+    extra_loss_modules: list[str] = field(default_factory=list)
+
+    # bookkeeping
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 3
+    logging_steps: int = 10
+    validation_steps: int = 0  # 0: only at the end
+    validation_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
+    validation_num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    resolution: int = 0  # 0: the teacher's default (SDXL time ids, validation image size)
+
+    # what the output folder recommends to samplers
+    sampling_guidance_scale: float = 1.0  # diffusers' guidance_scale (Imagen form); <= 1 means no CFG at inference
+    sampling_steps: int = 4
+    timestep_grid: str = "lcm"  # lcm (999, 759, 499, 259) | linspace (999, 749, 499, 249 ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # derived values
+    @property
+    def skip(self) -> int:
+        return 1000 // self.num_ddim_timesteps
+
+    def target_modules(self) -> list[str]:
+        mods = list(self.lora_target_modules)
+        if self.lora_conv:
+            mods += [m for m in LORA_TARGETS_CONV if m not in mods]
+        return mods
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def preset_names() -> list[str]:
+    root = resources.files("tlcm") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    root = resources.files("tlcm") / "configs"
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        raise TLCMError(f"unknown preset {name!r}", f"use one of: {', '.join(preset_names())}")
+    return Path(str(path))
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    def bad(expected: str) -> TLCMError:
+        return TLCMError(f"config key {key!r} expects {expected}, got {value!r}", f"fix the value of {key}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad("true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad("an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(default, str):
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise bad("a string")
+        return str(value)
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        return list(value)
+    if isinstance(default, dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return {str(k): float(v) for k, v in value.items()}
+    return value
+
+
+def _unknown_key(key: str) -> TLCMError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(_FIELDS)}"
+    return TLCMError(f"unknown config key {key!r}", hint)
+
+
+def apply_mapping(cfg: DistillConfig, mapping: dict[str, Any], source: str = "config") -> DistillConfig:
+    """Set fields from a (YAML-loaded) mapping, coercing types; unknown keys are errors."""
+    if not isinstance(mapping, dict):
+        raise TLCMError(f"{source} must be a YAML mapping of config keys", "write `key: value` lines")
+    for key, value in mapping.items():
+        if key not in _FIELDS:
+            raise _unknown_key(key)
+        setattr(cfg, key, _coerce(key, value, _default(key)))
+    return cfg
+
+
+def _default(key: str) -> Any:
+    f = _FIELDS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def apply_overrides(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
+    """``key=value`` strings (values parsed as YAML); ``extra_losses.NAME=W`` sets one entry of a mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise TLCMError(f"override {item!r} is not key=value", "write e.g. --set learning_rate=1e-5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and raw.strip() and _is_number(raw.strip()):
+            value = float(raw)  # YAML reads "1e-5" as a string
+        if "." in key and key.split(".", 1)[0] in _FIELDS and isinstance(_default(key.split(".", 1)[0]), dict):
+            head, sub = key.split(".", 1)
+            current = dict(getattr(cfg, head))
+            current[sub] = value
+            setattr(cfg, head, _coerce(head, current, {}))
+            continue
+        if key not in _FIELDS:
+            raise _unknown_key(key)
+        setattr(cfg, key, _coerce(key, value, _default(key)))
+    return cfg
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise TLCMError(f"config file {str(p)!r} does not exist", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TLCMError(f"config file {str(p)!r} is not valid YAML: {err}", "fix the YAML syntax") from err
+    return data
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> DistillConfig:
+    """Build a config from the layers above (does not validate: call :func:`validate_config`)."""
+    cfg = DistillConfig()
+    if preset:
+        apply_mapping(cfg, load_yaml(preset_path(preset)), f"preset {preset}")
+    if config_file:
+        apply_mapping(cfg, load_yaml(config_file), config_file)
+    if flags:
+        apply_mapping(cfg, {k: v for k, v in flags.items() if v is not None}, "command-line flags")
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _choice(cfg: DistillConfig, key: str, options: tuple[str, ...]) -> None:
+    if getattr(cfg, key) not in options:
+        raise TLCMError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(options)}", f"set {key} to one of those")
+
+
+def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: bool = True) -> DistillConfig:
+    """Check everything that can be checked without loading a model; raise :class:`TLCMError` with the fix."""
+    _choice(cfg, "recipe", RECIPES)
+    _choice(cfg, "student", ("lora", "full"))
+    _choice(cfg, "mixed_precision", ("no", "bf16", "fp16"))
+    _choice(cfg, "loss_type", ("huber", "l2"))
+    _choice(cfg, "boundary_condition", ("lcm", "none"))
+    _choice(cfg, "stage2_source", ("student", "data"))
+    _choice(cfg, "stage2_times", ("grid", "edges"))
+    _choice(cfg, "timestep_grid", ("lcm", "linspace"))
+    if not cfg.teacher:
+        raise TLCMError("no teacher given", "pass --teacher MODEL (a hub id, a diffusers folder, or 'toy')")
+    if need_output and not cfg.output_dir:
+        raise TLCMError("no output directory given", "pass --output-dir DIR")
+    if need_data:
+        if not cfg.data:
+            raise TLCMError("no training data given", "pass --data SHARDS (a folder written by `tlcm synthesize`)")
+        if not Path(cfg.data).exists():
+            raise TLCMError(f"data folder {cfg.data!r} does not exist",
+                            "run `tlcm synthesize --teacher T --prompts P --out SHARDS` first and pass that folder")
+        from tlcm.data import read_manifest
+
+        read_manifest(cfg.data, require_complete=True)  # raises TLCMError naming what is missing
+    if cfg.student == "lora":
+        if cfg.lora_rank < 1:
+            raise TLCMError(f"lora_rank={cfg.lora_rank} gives an empty adapter", "set lora_rank to 1 or more (LCM: 64)")
+        if cfg.lora_alpha <= 0:
+            raise TLCMError(f"lora_alpha={cfg.lora_alpha} must be positive", "set lora_alpha (LCM-LoRA: = rank)")
+        if not cfg.target_modules():
+            raise TLCMError("no LoRA target modules", "set lora_target_modules or lora_conv=true")
+    if not 1 <= cfg.num_ddim_timesteps <= 1000 or 1000 % cfg.num_ddim_timesteps:
+        raise TLCMError(f"num_ddim_timesteps={cfg.num_ddim_timesteps} must divide 1000",
+                        "use 50 (LCM), 25, 20, 100, ...")
+    if cfg.recipe in ("mlcd", "tlcm") and not 1 <= cfg.num_segments <= cfg.num_ddim_timesteps:
+        raise TLCMError(
+            f"num_segments={cfg.num_segments} exceeds the {cfg.num_ddim_timesteps} points of the skipping-step grid",
+            f"use 1..{cfg.num_ddim_timesteps} segments (TLCM: 4 or 8) or raise num_ddim_timesteps")
+    if cfg.w_min < 0 or cfg.w_max < cfg.w_min:
+        raise TLCMError(f"guidance range w in [{cfg.w_min}, {cfg.w_max}] is invalid", "need 0 <= w_min <= w_max")
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoints_total_limit",
+                "stage2_sample_steps", "stage2_substeps", "sampling_steps", "logging_steps"):
+        if getattr(cfg, key) < 1:
+            raise TLCMError(f"{key}={getattr(cfg, key)} must be at least 1", f"set {key} to a positive integer")
+    if cfg.learning_rate <= 0:
+        raise TLCMError(f"learning_rate={cfg.learning_rate} must be positive", "set e.g. learning_rate=1e-4")
+    if not 0 <= cfg.ema_decay < 1:
+        raise TLCMError(f"ema_decay={cfg.ema_decay} must be in [0, 1)", "LCM uses 0.95")
+    if any(n < 1 or n > cfg.num_ddim_timesteps for n in cfg.validation_num_steps):
+        raise TLCMError(f"validation_num_steps={cfg.validation_num_steps} must lie in 1..{cfg.num_ddim_timesteps}",
+                        "use e.g. [1, 2, 4, 8]")
+    if cfg.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TLCMError("mixed_precision=fp16 needs a CUDA device", "use bf16 or no on CPU")
+    if cfg.recipe == "tlcm" and not cfg.init_lora and cfg.student == "lora":
+        raise TLCMError("recipe tlcm (stage 2) starts from a stage-1 student, but init_lora is empty",
+                        "run `tlcm distill --recipe mlcd ...` first and pass --set init_lora=THAT_OUTPUT_DIR")
+    if cfg.init_lora and not (Path(cfg.init_lora) / "adapter" / "adapter_config.json").exists():
+        raise TLCMError(f"init_lora {cfg.init_lora!r} holds no adapter/adapter_config.json",
+                        "pass the --output-dir of a finished LoRA distillation run")
+    if cfg.init_lora and cfg.student != "lora":
+        raise TLCMError("init_lora only applies to a LoRA student", "set student=lora or clear init_lora")
+    import importlib
+
+    for mod in cfg.extra_loss_modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as err:
+            raise TLCMError(f"extra_loss_modules: cannot import {mod!r}: {err}", "fix the module name") from err
+    from tlcm.losses import get_loss
+
+    for name in cfg.extra_losses:
+        get_loss(name)
+    return cfg
