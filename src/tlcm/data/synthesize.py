@@ -215,6 +215,7 @@ def _resolve(config: SynthesizeConfig, prompts: PromptSet) -> dict:
         "trajectory_steps": sorted(set(config.trajectory_steps)),
         "prompts_sha256": prompts.sha256(),
         "num_prompts": len(prompts),
+        "has_negative_prompts": any(prompts.negative_prompts),
     }
 
 
@@ -312,6 +313,8 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if config.overwrite and out.exists():
             _clear(out)
+        for stale in out.glob(".shard-*.tmp"):  # left by a killed run (before its os.replace)
+            stale.unlink()
         if existing is None or config.overwrite:
             manifest = new_manifest(
                 num_records=gen["num_records"], records_per_shard=config.records_per_shard, latent_shape=latent_shape,
@@ -326,7 +329,7 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
     n, per = gen["num_records"], config.records_per_shard
     mine = [k for k in range(math.ceil(n / per)) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if completed_shard(out, k) is None]
-    negatives_given = any(prompts.negative_prompts)
+    negatives_given = gen["has_negative_prompts"]
     todo_records = sum(min(n, (k + 1) * per) - k * per for k in todo)
     from tqdm.auto import tqdm
 
@@ -349,7 +352,8 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
                 tensors[key] = tensors[key].to(store)
         records = [{"index": i, "prompt": prompts.prompts[i % len(prompts)],
                     "negative_prompt": prompts.negative_prompts[i % len(prompts)], "seed": gen["seed"] + i,
-                    "guidance_scale": gen["guidance_scale"], "solver": gen["solver"], "steps": gen["steps"]}
+                    "guidance_scale": gen["guidance_scale"], "solver": gen["solver"], "steps": gen["steps"],
+                    "batch_size": config.batch_size}
                    for i in range(lo, hi)]
         if config.save_images:
             _save_images(pipe, out, tensors["latents"], lo, config.save_images)
@@ -412,7 +416,11 @@ def _version() -> str:
 def regenerate(path: str | Path, indices: list[int], *, pipe=None, batch_size: int | None = None,
                device: str | None = None) -> torch.Tensor:
     """Recompute the final latents of records ``indices`` of a synthesized dataset from its manifest alone
-    (same teacher, prompts, seeds and settings); returns float32 (len(indices), C, H, W)."""
+    (same teacher, prompts, seeds and settings); returns float32 (len(indices), C, H, W).
+
+    Each record's original batch is re-run (CPU/GPU kernels may round differently at another batch size), so on the
+    same hardware the result equals the stored latent before its storage cast, bit for bit. ``batch_size``
+    overrides the recorded one (results then agree to float tolerance only)."""
     manifest = read_manifest(path, require_complete=True)
     gen = manifest["generation"]
     if manifest.get("source") != "synthesize":
@@ -438,17 +446,34 @@ def regenerate(path: str | Path, indices: list[int], *, pipe=None, batch_size: i
     if missing:
         raise TLCMError(f"records {missing[:5]} are not in {path}",
                         f"indices run from 0 to {manifest['num_records'] - 1}")
-    negatives_given = any(r.get("negative_prompt") for r in by_index.values())
-    bs = batch_size or len(indices)
-    outs = []
-    for b in range(0, len(indices), bs):
-        recs = [by_index[i] for i in indices[b:b + bs]]
+    negatives_given = gen.get("has_negative_prompts", False)
+    # Re-run each record's original batch (same composition and size), so results match bit-for-bit.
+    batches: dict[tuple[int, ...], None] = {}
+    for i in indices:
+        rec = by_index[i]
+        bs = batch_size or rec.get("batch_size") or 1
+        shard_lo = (i // manifest["records_per_shard"]) * manifest["records_per_shard"]
+        shard_hi = min(manifest["num_records"], shard_lo + manifest["records_per_shard"])
+        start = shard_lo + ((i - shard_lo) // bs) * bs
+        batches[tuple(range(start, min(shard_hi, start + bs)))] = None
+    need = sorted({j for b in batches for j in b} - set(by_index))
+    for entry in manifest["shards"]:
+        lo, hi = entry["first_record"], entry["first_record"] + entry["count"]
+        if any(lo <= j < hi for j in need):
+            _, meta = load_shard(root, entry)
+            for j in need:
+                if lo <= j < hi:
+                    by_index[j] = meta["records"][j - lo]
+    result: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        recs = [by_index[j] for j in batch]
         res = generate_batch(pipe, [r["prompt"] for r in recs],
                              [r["negative_prompt"] for r in recs] if negatives_given else None,
                              [r["seed"] for r in recs], steps=gen["steps"], guidance_scale=gen["guidance_scale"],
                              latent_shape=latent_shape, size=size)
-        outs.append(res["latents"])
-    return torch.cat(outs)
+        for j, lat in zip(batch, res["latents"]):
+            result[j] = lat
+    return torch.stack([result[i] for i in indices])
 
 
 def inspect_shard(path: str | Path, *, grid: str | Path | None = None, teacher: str | None = None,
