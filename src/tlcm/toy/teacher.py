@@ -1,0 +1,273 @@
+"""The toy teacher: a tiny SD-style ``UNet2DConditionModel`` on 8x8x4 latents, conditioned on frozen MiniLM states.
+
+Same recipe as Stable Diffusion: scaled-linear DDPM schedule (0.00085 to 0.012, 1000 steps), epsilon prediction,
+latents = VAE posterior sample x ``scaling_factor``, 10 % of captions replaced by the empty prompt for CFG. The text
+states are computed exactly as ``StableDiffusionPipeline.encode_prompt`` computes them at inference (tokenise, pad to
+``model_max_length``, BertModel ``last_hidden_state``, no attention mask), once for the whole caption set. Training
+uses min-SNR loss weighting (gamma 5) and keeps an EMA of the weights, which is what gets saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlcm.errors import TLCMError
+from tlcm.toy import common
+
+
+@dataclass
+class TeacherConfig:
+    data: str = ""  # imagefolder of captioned images
+    vae: str = ""  # folder of the trained AutoencoderKL (``tlcm toy train-vae`` writes OUT/vae)
+    resolution: int = 32
+    max_images: int = 10000  # first N images of the folder (0: all)
+    block_out_channels: tuple = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    max_length: int = common.TEXT_MAX_LENGTH
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 100
+    sample_prompts: int = 32
+    seed: int = 0
+    threads: int = 2
+
+
+def build_unet(cfg: TeacherConfig, latent_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution // 4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=384,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=32,
+    )
+
+
+def load_text_encoder(max_length: int = common.TEXT_MAX_LENGTH):
+    """MiniLM tokenizer (``model_max_length`` = ``max_length``) and frozen BertModel, offline from its package."""
+    from transformers import BertModel, BertTokenizer
+
+    src = common.minilm_dir()
+    tokenizer = BertTokenizer.from_pretrained(str(src), model_max_length=max_length)
+    encoder = BertModel.from_pretrained(str(src)).eval().requires_grad_(False)
+    return tokenizer, encoder
+
+
+@torch.no_grad()
+def encode_text(prompts: list[str], tokenizer, encoder, batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """Token states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (float32, ``(N, L, 384)``)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc="encoding captions", disable=not progress):
+        ids = tokenizer(
+            list(prompts[i : i + batch]),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        out.append(encoder(ids, attention_mask=None)[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 200, progress: bool = False):
+    """Posterior mean and std of each image (float16 on CPU), for sampling fresh latents every step."""
+    from tqdm.auto import tqdm
+
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encoding latents", disable=not progress):
+        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean.half())
+        stds.append(dist.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod[t]
+    return a / (1 - a)
+
+
+def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train the toy teacher; writes ``out_dir/unet`` (EMA weights), ``out_dir/pipeline`` (a complete
+    StableDiffusionPipeline folder), ``report.json`` and ``samples.png``. Resumable from ``checkpoint.pt``."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    if (out / "report.json").is_file() and (out / "pipeline" / "model_index.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    if not cfg.data or not cfg.vae:
+        raise TLCMError("the teacher trainer needs --data (imagefolder) and --vae (trained VAE folder)")
+    if not (Path(cfg.vae) / "config.json").is_file():
+        raise TLCMError(f"no AutoencoderKL in {cfg.vae}", "train one first with `tlcm toy train-vae`")
+    common.set_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_config(cfg, out / "config.yaml")
+    clock = common.Stopwatch()
+
+    # 1. frozen parts: VAE latents and MiniLM states of every caption, computed once and cached
+    vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
+    scaling = float(vae.config.scaling_factor)
+    cache = out / "encoded.pt"
+    if cache.is_file():
+        enc = torch.load(cache, weights_only=True)
+    else:
+        images, captions = common.load_image_arrays(
+            cfg.data, cfg.resolution, cache=out / "images.npz", limit=cfg.max_images or None
+        )
+        tokenizer, encoder = load_text_encoder(cfg.max_length)
+        lengths = [len(ids) for ids in tokenizer(captions).input_ids]
+        uniq = sorted(set(captions))
+        index = {c: i for i, c in enumerate(uniq)}
+        states = encode_text(uniq, tokenizer, encoder, progress=progress).half()
+        empty = encode_text([""], tokenizer, encoder)[0].half()
+        mean, std = encode_latents(vae, images, progress=progress)
+        enc = {
+            "mean": mean,
+            "std": std,
+            "states": states,
+            "caption_index": torch.tensor([index[c] for c in captions]),
+            "empty": empty,
+            "truncated": torch.tensor(sum(n > cfg.max_length for n in lengths)),
+        }
+        common.atomic_torch_save(enc, cache)
+    prep_seconds = clock.seconds
+    n = len(enc["mean"])
+
+    # 2. model, optimiser, EMA, schedule
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, latent_channels=enc["mean"].shape[1])
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_lambda = lambda s: (
+        min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+        * (  # noqa: E731
+            0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))
+        )
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    noise_sched = DDPMScheduler.from_config(common.SD_SCHEDULER_CONFIG)
+    acp = noise_sched.alphas_cumprod.float()
+    ckpt = out / "checkpoint.pt"
+    start = common.load_checkpoint(ckpt, unet=unet, ema=ema, opt=opt, sched=sched)
+    rng = np.random.default_rng([cfg.seed, start])
+    history: list[float] = []
+    unet.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-teacher", disable=not progress)
+    for step in bar:
+        # 3. a batch: fresh posterior sample, SD scaling, caption dropout to the empty prompt's states
+        idx = torch.from_numpy(rng.integers(0, n, cfg.batch_size))
+        x0 = (enc["mean"][idx].float() + enc["std"][idx].float() * torch.randn_like(enc["mean"][idx].float())) * scaling
+        cond = enc["states"][enc["caption_index"][idx]].float()
+        drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
+        cond[drop] = enc["empty"].float()
+        # 4. forward diffusion at a uniform timestep, epsilon prediction, min-SNR weighted MSE
+        t = torch.from_numpy(rng.integers(0, 1000, cfg.batch_size))
+        noise = torch.randn_like(x0)
+        zt = noise_sched.add_noise(x0, noise, t)
+        eps = unet(zt, t, cond).sample
+        snr = _snr(acp, t)
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr if cfg.snr_gamma else torch.ones_like(snr)
+        loss = (weight * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # 5. EMA (decay warmed up so early averages are not dominated by the random init)
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        history.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            common.save_checkpoint(ckpt, step + 1, unet=unet, ema=ema, opt=opt, sched=sched)
+    train_seconds = clock.seconds - prep_seconds
+
+    # 6. save: EMA UNet, then a complete pipeline folder (MiniLM linked from its package)
+    ema.eval()
+    common.save_pretrained_atomic(ema, out / "unet")
+    tokenizer_dir = out / "tokenizer"
+    common.write_tokenizer(tokenizer_dir, cfg.max_length)
+    common.assemble_pipeline(out / "pipeline", out / "unet", cfg.vae, tokenizer_dir=tokenizer_dir)
+    from tlcm.toy.shapes import prompts as shape_prompts
+
+    sample_prompts = shape_prompts(cfg.sample_prompts, seed=cfg.seed + 99, split="train")
+    images = sample_pipeline(out / "pipeline", sample_prompts, seed=cfg.seed)
+    common.save_grid(images, out / "samples.png", nrow=8, scale=3)
+    common.atomic_write_text(out / "samples.txt", "\n".join(sample_prompts) + "\n")
+    report = {
+        "parameters": sum(p.numel() for p in ema.parameters()),
+        "images": n,
+        "unique_captions": int(len(enc["states"])),
+        "truncated_captions": int(enc["truncated"]),
+        "first_loss": float(np.mean(history[:20])) if history else None,
+        "final_loss": float(np.mean(history[-50:])) if history else None,
+        "steps": cfg.steps,
+        "prep_seconds": round(prep_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(clock.seconds, 1),
+    }
+    common.write_json(out / "report.json", report)
+    return report
+
+
+@torch.no_grad()
+def sample_pipeline(
+    pipeline,
+    prompt_list: list[str],
+    steps: int = 50,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    batch: int = 100,
+    scheduler: str = "ddim",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in [0, 1] for ``prompt_list`` from a pipeline (object or folder)."""
+    from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+    from tqdm.auto import tqdm
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline)) if isinstance(pipeline, (str, Path)) else pipeline
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "dpm++":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in tqdm(range(0, len(prompt_list), batch), desc="sampling", disable=not progress):
+        g = torch.Generator().manual_seed(seed + i)
+        res = pipe(
+            list(prompt_list[i : i + batch]),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=g,
+            output_type="pt",
+        )
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
