@@ -135,7 +135,10 @@ class ToyWorldMetrics(FeatureFID):
             except ImportError as err:
                 raise MetricUnavailable("toy metrics skipped: tlcm.toy.metrics is not available in this install") \
                     from err
-            toy_metrics = ToyMetrics.load()
+            try:
+                toy_metrics = ToyMetrics.load()
+            except TLCMError as err:
+                raise MetricUnavailable(f"toy metrics skipped: {err.problem}") from err
         self.toy = toy_metrics
 
     @property

@@ -436,6 +436,10 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise TLCMError(f"model names must be unique, got {names}", "give each --lora a distinct NAME=")
+    for m in cfg.models:  # fail before hours of generation, not after
+        if m.lora and not Path(m.lora).expanduser().exists():
+            raise TLCMError(f"LoRA {m.lora!r} for model {m.name!r} does not exist",
+                            "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)

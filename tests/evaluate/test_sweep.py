@@ -1,0 +1,112 @@
+import csv
+import json
+
+import pytest
+
+from tlcm.cli import main
+from tlcm.errors import TLCMError
+from tlcm.evaluate import report
+from tlcm.evaluate.protocols import config_from_options, parse_lora
+from tlcm.evaluate.sweep import ModelSpec, SchedulerSpec, SweepConfig, run_sweep
+
+
+def test_scheduler_spec_parsing():
+    assert SchedulerSpec.parse("tcd:0.5") == SchedulerSpec("tcd", 0.5)
+    assert SchedulerSpec.parse("TCD").gamma == 0.3
+    assert SchedulerSpec.parse("dpm-solver++").name == "dpmpp"
+    assert SchedulerSpec.parse("tcd:0.5").slug == "tcd-g0.5"
+    for bad, match in (("heun", "unknown scheduler"), ("tcd:2", "outside"), ("ddim:3", "takes no argument"),
+                       ("tcd:x", "bad tcd gamma")):
+        with pytest.raises(TLCMError, match=match):
+            SchedulerSpec.parse(bad)
+
+
+def test_model_spec_validation_and_lora_parsing():
+    with pytest.raises(TLCMError, match="needs a LoRA folder"):
+        ModelSpec("t", "base", schedulers=["tlcm"])
+    with pytest.raises(TLCMError, match=">= 1"):
+        ModelSpec("t", "base", steps=[0])
+    assert parse_lora("s=/a/b@0.5") == ("s", "/a/b", 0.5)
+    assert parse_lora("s=/a/b") == ("s", "/a/b", 1.0)
+    with pytest.raises(TLCMError, match="NAME=PATH"):
+        parse_lora("/a/b")
+
+
+def test_tiny_grid_writes_all_files_and_counts_network_evaluations(tiny_sd15_dir, prompt_file, fake_inception,
+                                                                   tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(tiny_sd15_dir), "--prompts", str(prompt_file), "--steps", "1,2",
+            "--schedulers", "ddim", "--guidance", "1,3", "--num-prompts", "3", "--reference-solver", "dpmpp:2",
+            "--inception-weights", str(fake_inception), "--device", "cpu", "--batch-size", "3", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher | ddim | 2 | 3 | 4 |" in printed
+    assert "CLIP score skipped" in printed
+    for name in ("results.json", "results.csv", "results.md", "config.json", "overview.png",
+                 "plots/fid_teacher.png", "plots/latency_s.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    cells = results["cells"]
+    assert len(cells) == 4
+    for c in cells:
+        assert (out / "grids" / f"{c['cell']}.png").is_file()
+        cfg_factor = 2 if c["guidance"] > 1 else 1
+        assert c["unet_calls"] == c["steps"]
+        assert c["cfg_factor"] == cfg_factor and c["nfe"] == c["steps"] * cfg_factor
+        assert c["latency_s"] > 0 and c["images_per_s"] > 0 and c["peak_mem_mb"] > 0
+        assert c["fid_teacher"] >= -1e-6 and "fid_data" not in c  # no data images for a plain prompt file
+    assert any("fid_data skipped" in n for n in results["notices"])
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and "fid_teacher" in rows[0]
+    md = (out / "results.md").read_text()
+    assert md.count("| teacher |") == 4 and "overview.png" in md
+
+    # resuming recomputes nothing: the cell files stay as they were
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    assert main(argv) == 0
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+
+
+def test_same_sampler_as_reference_gives_zero_teacher_fid(tiny_sd15_dir, prompt_file, fake_inception, tmp_path):
+    cfg = config_from_options(out=str(tmp_path / "e"), model=str(tiny_sd15_dir), prompts=str(prompt_file),
+                              schedulers="dpmpp", steps="2", guidance="3", reference_solver="dpmpp:2",
+                              inception_weights=str(fake_inception), device="cpu")
+    results = run_sweep(cfg, log=lambda *_: None)
+    (cell,) = results["cells"]
+    assert abs(cell["fid_teacher"]) < 1e-6  # same solver, steps, guidance and seeds as the reference
+
+
+def test_user_errors(tiny_sd15_dir, prompt_file, tmp_path, capsys):
+    base = ["evaluate", "--model", str(tiny_sd15_dir), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert main(base + ["--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(base + ["--prompts", str(prompt_file), "--lora", "s=" + str(tmp_path / "nolora")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(base + ["--prompts", str(prompt_file), "--num-prompts", "9"]) == 2
+    assert "has 4 prompts but 9" in capsys.readouterr().err
+    assert main(["evaluate", "--protocol", "coco2017-5k-sdxl", "--out", str(tmp_path / "c"), "--dry-run"]) == 2
+    assert "captions_val2017.json" in capsys.readouterr().err
+    with pytest.raises(TLCMError, match="seeds"):
+        run_sweep(SweepConfig(models=[ModelSpec("t", str(tiny_sd15_dir))], prompts=["a"], seeds=[], out_dir="x"))
+
+
+def test_dry_run_prints_the_plan(prompt_file, tmp_path, capsys):
+    (tmp_path / "stu").mkdir()
+    argv = ["evaluate", "--model", "some/hub-model", "--prompts", str(prompt_file), "--lora",
+            f"tlcm={tmp_path / 'stu'}", "--student-schedulers", "lcm,tcd:0.2", "--steps", "1,4",
+            "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "evaluate: 10 cells x 4 prompts" in out
+    assert "tlcm__tcd-g0.2__s4__g1" in out and "teacher__euler__s1__g7.5" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_markdown_table_formats_missing_values():
+    rows = [{"cell": "a", "model": "m", "scheduler": "ddim", "steps": 1, "guidance": 7.5, "nfe": 2.0,
+             "latency_s": 0.0123, "images_per_s": 81.3, "peak_mem_mb": 100.0, "toy_fid_data": 1.5},
+            {"cell": "b", "model": "m", "scheduler": "ddim", "steps": 2, "guidance": 7.5, "nfe": 4.0,
+             "latency_s": 0.02, "images_per_s": 50.0, "peak_mem_mb": None}]
+    table = report.markdown_table(rows)
+    assert "| m | ddim | 1 | 7.5 | 2 | 1.5 | 12.3 |" in table
+    assert table.splitlines()[-1] == "| m | ddim | 2 | 7.5 | 4 | – | 20.0 | 50 | – |"
