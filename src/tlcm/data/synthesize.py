@@ -176,10 +176,13 @@ def decode_latents(pipe, latents: torch.Tensor):
 # -------------------------------------------------------------------------------------------------- the engine
 
 
-def _dist():
+def _dist(device: str | None = None):
+    """accelerate's process state. Without CUDA (or with ``--device cpu``) processes started by ``torchrun`` or
+    ``accelerate launch --multi_gpu`` join a gloo group: accelerate only does that when told ``cpu=True``."""
     from accelerate import PartialState
 
-    return PartialState()
+    cpu = not torch.cuda.is_available() or (device is not None and str(device).startswith("cpu"))
+    return PartialState(cpu=cpu)
 
 
 def _resolve(config: SynthesizeConfig, prompts: PromptSet) -> dict:
@@ -256,7 +259,7 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
     fingerprint when the dataset exists). Works single-process and under ``accelerate launch``: each process
     generates the shards ``k`` with ``k mod world_size == rank``.
     """
-    state = _dist()
+    state = _dist(config.device)
     out = Path(config.out).expanduser()
     prompts = load_prompts(config.prompts, column=config.prompt_column, negative_column=config.negative_column,
                            negative_prompt=config.negative_prompt, dedupe=config.dedupe)
@@ -362,12 +365,14 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
     elapsed = time.perf_counter() - t0
 
     # 3. The main process writes the complete manifest once every process is done.
+    if todo_records:
+        print(f"{out}: process {state.process_index}/{state.num_processes} generated {todo_records} records "
+              f"(shards {todo[0]}..{todo[-1]} step {state.num_processes}) in {elapsed:.1f}s "
+              f"({todo_records / max(elapsed, 1e-9):.2f} rec/s)", flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
         finalize_manifest(out, manifest)
-        if todo_records:
-            print(f"{out}: {n} records in {manifest['num_shards']} shards; this process generated {todo_records} "
-                  f"in {elapsed:.1f}s ({todo_records / max(elapsed, 1e-9):.2f} rec/s)")
+        print(f"{out}: complete, {n} records in {manifest['num_shards']} shards", flush=True)
     state.wait_for_everyone()
     return out
 
