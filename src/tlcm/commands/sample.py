@@ -60,12 +60,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="samples", metavar="DIR", help="output folder (default: samples)")
     g.add_argument("--grid", action="store_true", help="also write grid.png with all images")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars (sampling and model loading)")
 
 
 def run(args: argparse.Namespace) -> int:
     from tlcm.sample import SampleConfig, sample
 
+    if args.no_progress:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     config = SampleConfig(
         model=args.model, prompts=args.prompt, prompts_file=args.prompts_file, negative_prompt=args.negative_prompt,
         loras=args.lora, steps=args.steps, guidance_scale=args.guidance_scale, gamma=args.gamma, mode=args.mode,
