@@ -27,7 +27,8 @@ def lcm_inference_timesteps(
     """Descending times for ``num_inference_steps``, chosen exactly as diffusers' ``LCMScheduler.set_timesteps``.
 
     Take the top ``strength`` fraction of the skipping-step grid, reverse it, and pick ``floor`` of evenly spaced
-    indices (4 steps on the 50-step grid: 999, 759, 499, 259).
+    indices (4 steps on the 50-step grid: 999, 759, 499, 259). The indices come from ``np.linspace`` in floating point,
+    as in diffusers (so e.g. 22 steps at strength 0.6 take index 14 where exact arithmetic gives 15): kept for parity.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -76,15 +77,15 @@ def segment_inference_timesteps(num_inference_steps: int, edges: np.ndarray) -> 
     """Descending start times for walking an M-segment model in N steps (the rule our scheduler documents).
 
     * ``N == M``: start at every upper edge ``e_M, ..., e_1``; each step lands exactly on the next lower edge.
-    * ``N != M``: pick N of the M upper edges, evenly spaced from the top (``floor`` of ``linspace``), so every step
-      still starts on an edge the model was trained to leave from. ``N > M`` is refused: a segment model has no
-      trained starting points in between.
+    * ``N != M``: pick N of the M upper edges, evenly spaced from the top (indices ``floor(j M / N)``, j = 0..N-1,
+      in exact integer arithmetic), so every step still starts on an edge the model was trained to leave from.
+      ``N > M`` is refused: a segment model has no trained starting points in between.
     """
     upper = edges[1:][::-1]  # e_M, ..., e_1
     m = len(upper)
     if not 1 <= num_inference_steps <= m:
         raise ValueError(f"a {m}-segment model walks 1..{m} steps; got num_inference_steps={num_inference_steps}")
-    idx = np.floor(np.linspace(0, m, num=num_inference_steps, endpoint=False)).astype(np.int64)
+    idx = (np.arange(num_inference_steps, dtype=np.int64) * m) // num_inference_steps
     return upper[idx].copy()
 
 
