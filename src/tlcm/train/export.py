@@ -48,12 +48,16 @@ def _atomic_dir(final: Path, write) -> None:
 
 
 def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
-    """``get_peft_model_state_dict`` -> ``convert_state_dict_to_diffusers`` -> the pipeline's ``save_lora_weights``."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The pipeline's ``save_lora_weights`` on ``get_peft_model_state_dict(unet)`` (keys ``unet.<module>.lora_A``).
 
+    Not passed through ``convert_state_dict_to_diffusers`` as the LCM scripts do: that renames only the attention
+    projections to the old ``.lora.down/.lora.up`` names and leaves convolutions as ``lora_A/lora_B``, and diffusers
+    (0.42) then loads the file as peft format and silently drops every attention LoRA. The peft names are what
+    ``load_lora_weights`` reads natively (tests/train/test_loop.py checks the loaded UNet against the student).
+    """
     from tlcm.models import is_sdxl
 
-    layers = convert_state_dict_to_diffusers(lora_state_dict(unet))
+    layers = lora_state_dict(unet)
     if is_sdxl(pipe):
         from diffusers import StableDiffusionXLPipeline as Pipe
     else:
@@ -68,13 +72,13 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
     return out_dir / LORA_FILE
 
 
-def scheduler_config(cfg: DistillConfig, teacher_scheduler_config) -> dict:
-    """A TLCMScheduler config on the teacher's noise schedule with the recipe's sampling settings."""
+def student_scheduler(cfg: DistillConfig, teacher_scheduler_config):
+    """A TLCMScheduler on the teacher's noise schedule with the recipe's sampling settings."""
     from tlcm.scheduler import TLCMScheduler
 
     sched = TLCMScheduler.from_config(dict(teacher_scheduler_config), original_inference_steps=cfg.num_ddim_timesteps,
                                       timestep_scaling=cfg.timestep_scaling, **scheduler_settings(cfg))
-    return dict(sched.config)
+    return sched
 
 
 def model_card(cfg: DistillConfig, summary: dict, metrics: dict | None = None) -> str:
@@ -142,8 +146,8 @@ def export_output(cfg: DistillConfig, pipe, unet, networks, output_dir: Path, su
     else:
         target = networks.target_unet if networks.target_unet is not None and cfg.ema_decay > 0 else unet
         _atomic_dir(output_dir / "unet", lambda tmp: target.save_pretrained(str(tmp), safe_serialization=True))
-    sched = scheduler_config(cfg, pipe.scheduler.config)
-    _atomic_text(output_dir / "scheduler" / "scheduler_config.json", json.dumps(sched, indent=2, default=str))
+    sched = student_scheduler(cfg, pipe.scheduler.config)
+    _atomic_dir(output_dir / "scheduler", lambda tmp: sched.save_config(str(tmp)))
     sampling = {
         "guidance_scale": cfg.sampling_guidance_scale,
         "num_inference_steps": cfg.sampling_steps,
