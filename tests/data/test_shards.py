@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tlcm.data import open_shards, read_manifest, verify_dataset, write_shards
+from tlcm.data import open_shards, read_manifest, to_hf_dataset, verify_dataset, write_shards
 from tlcm.errors import TLCMError
 
 
@@ -105,3 +105,10 @@ def test_incomplete_and_missing_datasets_are_refused(tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TLCMError, match="incomplete"):
         open_shards(out)
+
+
+def test_hf_dataset_view(tmp_path):
+    out, lat = _make(tmp_path, n=5, per=2)
+    ds = to_hf_dataset(out)
+    assert len(ds) == 5 and ds[3]["prompt"] == "prompt 3"
+    torch.testing.assert_close(ds[3]["latents"], lat[3].half().float())

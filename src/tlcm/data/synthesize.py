@@ -246,7 +246,7 @@ def _load_teacher(config: SynthesizeConfig, device, pipe=None):
         dtype = parse_dtype(config.dtype)
     if pipe is None:
         pipe = load_pipeline(config.teacher, device=device, dtype=dtype)
-    else:
+    elif pipe.unet.device != device or pipe.unet.dtype != dtype:
         pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, dtype
@@ -276,7 +276,8 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
                         "pick a new or empty folder")
     if existing is not None and not config.overwrite:
         old = existing.get("generation", {})
-        changes = _diff(old, {**gen, "guidance_scale": gen["guidance_scale"] or old.get("guidance_scale")})
+        default_w = old.get("guidance_scale") if gen["guidance_scale"] is None else gen["guidance_scale"]
+        changes = _diff(old, {**gen, "guidance_scale": default_w})
         if changes:
             raise TLCMError(f"{out} was generated with a different configuration: " + "; ".join(changes),
                             "re-run with the original settings to resume, pass --overwrite to discard it, "
