@@ -1,0 +1,263 @@
+"""``tlcm demo``: the whole pipeline on the shipped toy teacher, from nothing to a report, on a CPU.
+
+Stages, each through the public Python API, each skipped when its output already exists (so an interrupted demo
+resumes where it stopped):
+
+1. **synthesize**: the toy teacher turns toy-world captions into latent shards with DPM-Solver++ and CFG
+   (:func:`tlcm.data.synthesize.synthesize`); no real image is used.
+2. **distill**: an MLCD student (TLCM stage 1, preset ``toy-mlcd``), then the TLCM student (stage 2, preset
+   ``toy-tlcm``, initialised from the MLCD LoRA), and an LCM-LoRA baseline (preset ``toy-lcm``), all from the same
+   shards (:func:`tlcm.train.loop.distill`).
+3. **evaluate**: the students at 1, 2, 4 and 8 steps with their own schedulers against the teacher with DDIM,
+   DPM-Solver++ and Euler at the same step counts and DDIM at 50 steps, on toy-world captions the students never
+   trained on; toy-FID against rendered data and against the teacher's DPM-Solver++ 25-step samples, prompt
+   alignment, latency, network evaluations, memory (:func:`tlcm.evaluate.sweep.run_sweep`).
+4. **report**: ``OUT/report/`` with README.md (table, timings, the commands), overview.png (samples: rows = method,
+   columns = steps), plots, results.csv.
+
+``quick=True`` shrinks every count (records, training steps, evaluation prompts) and keeps the same code path; it is
+the CI smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tlcm.errors import TLCMError
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "tlcm-demo"
+    teacher: str = "toy"
+    device: str = "auto"
+    quick: bool = False
+    records: int = 1024
+    synth_steps: int = 25
+    guidance: float = 4.0  # diffusers form; the toy presets distil with LCM-form w = 3 (= 4 here)
+    mlcd_steps: int = 600
+    tlcm_steps: int = 300
+    lcm_steps: int = 600
+    baseline_lcm: bool = True
+    eval_prompts: int = 256
+    eval_steps: tuple[int, ...] = (1, 2, 4, 8)
+    teacher_solvers: tuple[str, ...] = ("ddim", "dpmpp", "euler")
+    teacher_ceiling_steps: int = 50
+    reference_steps: int = 25
+    eval_batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+QUICK = dict(records=64, synth_steps=10, mlcd_steps=40, tlcm_steps=20, lcm_steps=40, eval_prompts=32,
+             teacher_ceiling_steps=25, reference_steps=10)
+
+
+def demo_config(quick: bool = False, **overrides) -> DemoConfig:
+    """The full demo's settings, or the quick ones; ``overrides`` (not None) win."""
+    cfg = DemoConfig(quick=quick)
+    if quick:
+        cfg = replace(cfg, **QUICK)
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class _Stages:
+    """Records each stage's wall time in OUT/stages.json; a finished stage keeps the time of the run that did it."""
+
+    def __init__(self, out: Path, log):
+        self.path = out / "stages.json"
+        self.log = log
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, done: bool, fn):
+        if done and name in self.data:
+            self.log(f"[demo] {name}: done already ({self.data[name]['seconds']:.0f} s when it ran), skipping")
+            return None
+        if done:
+            self.log(f"[demo] {name}: output present, skipping")
+            return None
+        self.log(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        self.data[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                                 time.gmtime())}
+        from tlcm.evaluate.report import write_json
+
+        write_json(self.path, self.data)
+        self.log(f"[demo] {name}: {seconds:.0f} s")
+        return result
+
+
+def _student_done(path: Path) -> bool:
+    return (path / LORA_FILE).is_file() and (path / "tlcm_sampling.json").is_file()
+
+
+def _synthesize(cfg: DemoConfig, data: Path) -> None:
+    from tlcm.data.synthesize import SynthesizeConfig, synthesize
+    from tlcm.evaluate.report import write_text
+    from tlcm.toy.shapes import prompts as toy_prompts
+
+    prompt_file = data.parent / "train_prompts.txt"  # toy-world captions, training split, seed cfg.seed
+    write_text(prompt_file, "\n".join(toy_prompts(cfg.records, seed=cfg.seed, split="train")) + "\n")
+    synthesize(SynthesizeConfig(
+        teacher=cfg.teacher, prompts=str(prompt_file), out=str(data), dedupe=False, num_records=cfg.records,
+        solver="dpmpp", steps=cfg.synth_steps, guidance_scale=cfg.guidance, seed=cfg.seed, batch_size=32,
+        records_per_shard=256, device=None if cfg.device == "auto" else cfg.device, progress=cfg.progress,
+    ))
+
+
+def _distill(cfg: DemoConfig, preset: str, data: Path, out: Path, steps: int, overrides: list[str]) -> None:
+    from tlcm.train.config import resolve_config
+    from tlcm.train.loop import distill
+
+    flags = {"teacher": cfg.teacher, "data": str(data), "output_dir": str(out), "max_steps": steps,
+             "seed": cfg.seed, "device": cfg.device}
+    # checkpoints of a few-minute run are not worth their disk; validation images are the evaluation's job
+    dcfg = resolve_config(preset, None, flags, [*overrides, f"checkpointing_steps={max(steps, 1)}",
+                                                 "validation_steps=0"])
+    distill(dcfg, log_with=None, progress=cfg.progress)
+
+
+def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
+    from tlcm.evaluate.metrics import MetricSpec
+    from tlcm.evaluate.prompts import seeds_for
+    from tlcm.evaluate.protocols import TOY_EVAL_SEED
+    from tlcm.evaluate.sweep import ModelSpec, ReferenceSpec, SweepConfig, sampling_defaults
+    from tlcm.toy.shapes import prompts as toy_prompts
+
+    steps = list(cfg.eval_steps)
+    models = [ModelSpec("teacher", cfg.teacher, schedulers=list(cfg.teacher_solvers), steps=steps,
+                        guidance=[cfg.guidance])]
+    if cfg.teacher_ceiling_steps:
+        models.append(ModelSpec(f"teacher{cfg.teacher_ceiling_steps}", cfg.teacher, schedulers=["ddim"],
+                                steps=[cfg.teacher_ceiling_steps], guidance=[cfg.guidance]))
+    for name, path in students.items():
+        g = float(sampling_defaults(str(path)).get("guidance_scale", 1.0))
+        models.append(ModelSpec(name, cfg.teacher, lora=str(path), schedulers=["tlcm"], steps=steps, guidance=[g]))
+    prompts = toy_prompts(cfg.eval_prompts, seed=TOY_EVAL_SEED, split="train")
+    return SweepConfig(
+        models=models, prompts=prompts, seeds=seeds_for(len(prompts), TOY_EVAL_SEED), out_dir=str(out),
+        batch_size=cfg.eval_batch_size, device=cfg.device,
+        reference=ReferenceSpec(model="teacher", scheduler="dpmpp", steps=cfg.reference_steps,
+                                guidance=cfg.guidance, data="toy"),
+        metrics=MetricSpec(toy=True, fid=False, device="cpu"), protocol="toy (demo)",
+    )
+
+
+def run_demo(cfg: DemoConfig, log=print) -> dict:
+    """Run (or resume) the demo; return the evaluation results. See the module docstring."""
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TLCMError(f"--out {out} is a file", "pass a folder (created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "demo_config.json"
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device")}
+    mine = json.loads(json.dumps(mine))  # tuples -> lists, as read back
+    if cfg_file.is_file():
+        old = json.loads(cfg_file.read_text())
+        changed = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+        if changed:
+            raise TLCMError(f"{out} holds a demo with other settings ({', '.join(changed)})",
+                            "pass a new --out, or delete the folder to start over")
+    from tlcm.evaluate.report import write_json
+
+    write_json(cfg_file, mine)
+    stages = _Stages(out, log)
+    t_start = time.perf_counter()
+
+    data = out / "data"
+    stages.run("synthesize", (data / "manifest.json").is_file() and
+               json.loads((data / "manifest.json").read_text()).get("complete", False),
+               lambda: _synthesize(cfg, data))
+    students: dict[str, Path] = {}
+    mlcd, tlcm_dir, lcm = out / "students" / "mlcd", out / "students" / "tlcm", out / "students" / "lcm"
+    stages.run("distill mlcd", _student_done(mlcd), lambda: _distill(cfg, "toy-mlcd", data, mlcd, cfg.mlcd_steps, []))
+    stages.run("distill tlcm", _student_done(tlcm_dir),
+               lambda: _distill(cfg, "toy-tlcm", data, tlcm_dir, cfg.tlcm_steps, [f"init_lora={mlcd}"]))
+    students["tlcm"] = tlcm_dir
+    students["mlcd"] = mlcd
+    if cfg.baseline_lcm:
+        stages.run("distill lcm", _student_done(lcm), lambda: _distill(cfg, "toy-lcm", data, lcm, cfg.lcm_steps, []))
+        students["lcm"] = lcm
+
+    from tlcm.evaluate.sweep import run_sweep
+
+    eval_dir = out / "eval"
+    holder: dict = {}
+    stages.run("evaluate", False, lambda: holder.update(results=run_sweep(sweep_config(cfg, eval_dir, students),
+                                                                           log=log)))
+    results = holder["results"]
+    total = time.perf_counter() - t_start
+    write_report(out, cfg, results, stages.data, total)
+    return results
+
+
+def _command_line(cfg: DemoConfig) -> str:
+    return "tlcm demo" + (" --quick" if cfg.quick else "") + f" --out {cfg.out}"
+
+
+def write_report(out: Path, cfg: DemoConfig, results: dict, stages: dict, total_s: float) -> Path:
+    """OUT/report/: README.md, overview.png, plots/, results.csv (small files, fit for a repository)."""
+    from tlcm.evaluate import report
+
+    rep = out / "report"
+    eval_dir = out / "eval"
+    (rep / "plots").mkdir(parents=True, exist_ok=True)
+    for name in ("overview.png", "results.csv", "results.json"):
+        if (eval_dir / name).is_file():
+            shutil.copyfile(eval_dir / name, rep / name)
+    plots = sorted(p.stem for p in (eval_dir / "plots").glob("*.png"))
+    for stem in plots:
+        shutil.copyfile(eval_dir / "plots" / f"{stem}.png", rep / "plots" / f"{stem}.png")
+    machine = results.get("machine", {})
+    timing = "\n".join(f"| {name} | {v['seconds']:.0f} |" for name, v in stages.items())
+    md = [
+        f"# tlcm demo{' (quick)' if cfg.quick else ''}",
+        "",
+        f"Command: `{_command_line(cfg)}` — {results.get('created')}, {machine.get('platform')}, "
+        f"{machine.get('cpu_threads')} CPU threads, torch {machine.get('torch')}.",
+        "",
+        ("The shipped toy teacher" if cfg.teacher == "toy" else f"The teacher {cfg.teacher}") + " synthesised"
+        + f" {cfg.records} latents from toy-world captions "
+        f"(DPM-Solver++ {cfg.synth_steps} steps, CFG {cfg.guidance:g}); from them alone an MLCD LoRA "
+        f"({cfg.mlcd_steps} steps), the TLCM LoRA (stage 2 from MLCD, {cfg.tlcm_steps} steps)"
+        + (f" and an LCM-LoRA baseline ({cfg.lcm_steps} steps)" if cfg.baseline_lcm else "")
+        + f" were distilled. All are evaluated on {results.get('num_prompts')} held-back captions (seed "
+        "10000) against the teacher's own solvers at the same step counts.",
+        "",
+        "Columns: `toy_fid_data` = toy-FID against rendered images of the prompts, `toy_fid_teacher` = toy-FID "
+        f"against the teacher's samples ({results.get('reference', {}).get('teacher')}), `alignment` = fraction of "
+        "the prompt's attributes the toy classifier reads back (higher is better; FIDs lower is better). "
+        f"NFE: {results.get('nfe_note')}.",
+        "",
+        report.markdown_table(results["cells"]),
+        "",
+        "![samples: rows = method, columns = steps](overview.png)",
+        "",
+        *[f"![{p}](plots/{p}.png)" for p in plots],
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        timing,
+        f"| **total (this run)** | {total_s:.0f} |",
+        "",
+    ]
+    if results.get("notices"):
+        md += ["Skipped:", "", *[f"- {n}" for n in results["notices"]], ""]
+    report.write_text(rep / "README.md", "\n".join(md))
+    return rep
+
+
+def main_table(results: dict) -> str:
+    from tlcm.evaluate.report import markdown_table
+
+    return markdown_table(results["cells"])
+
