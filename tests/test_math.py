@@ -420,3 +420,14 @@ def test_frechet_edge_cases():
     assert np.isfinite(frechet_distance_from_features(few, rng.normal(size=(6, 8))))
     with pytest.raises(ValueError):
         gaussian_stats(np.zeros((1, 3)))
+
+
+def test_dynamic_threshold_closed_form():
+    x = torch.tensor([[0.5, -3.0, 2.0, 0.1], [0.2, -0.4, 0.3, 0.9]], dtype=torch.float64).view(2, 1, 2, 2)
+    # ratio 1: s = clamp(max |x|, 1, max_value) per sample; sample 1 stays as it is (s = 1, nothing above 1)
+    out = tm.dynamic_threshold(x, ratio=1.0, max_value=2.5)
+    torch.testing.assert_close(out[0].flatten(), torch.tensor([0.5, -2.5, 2.0, 0.1], dtype=torch.float64) / 2.5)
+    torch.testing.assert_close(out[1], x[1])
+    assert out.dtype == torch.float64 and out.shape == x.shape
+    # max_value 1: plain clipping to [-1, 1]
+    torch.testing.assert_close(tm.dynamic_threshold(x, 0.5, 1.0), x.clamp(-1, 1))

@@ -160,6 +160,7 @@ def test_step_before_set_timesteps_raises():
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("extra", [{}, dict(clip_sample=True, clip_sample_range=0.5), dict(timestep_scaling=3.0),
+                                   dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.3),
                                    dict(rescale_betas_zero_snr=True, beta_schedule="linear")])
 def test_lcm_mode_step_equals_lcmscheduler(prediction_type, steps, extra):
     if extra.get("rescale_betas_zero_snr") and prediction_type == "epsilon":
@@ -528,3 +529,21 @@ def test_segments_walk_is_exact_for_a_perfect_model(prediction_type, n):
         if i + 1 < n:
             torch.testing.assert_close(z, point(int(sched.timesteps[i + 1])), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(z, x_star, atol=1e-5, rtol=1e-5)
+
+
+# -- diffusers' own LCM pipelines (guidance embedding; img2img passes `strength` to set_timesteps) -------------------
+
+
+@pytest.mark.parametrize("img2img,steps,strength", [(False, 4, 1.0), (True, 4, 0.6), (True, 2, 0.35)])
+def test_lcm_mode_equals_lcmscheduler_in_latent_consistency_pipelines(img2img, steps, strength):
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
+
+    base = _pipe("sd15", True)
+    cls = LatentConsistencyModelImg2ImgPipeline if img2img else LatentConsistencyModelPipeline
+    pipe = cls(**{k: v for k, v in base.components.items()}, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=steps, guidance_scale=6.0)
+    if img2img:
+        call.update(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)), strength=strength)
+    ref, ours = _run_both(pipe, "sd15", "epsilon", **call)
+    assert torch.equal(ours, ref)

@@ -23,6 +23,7 @@ from tlcm.math import (
     boundary_scalings,
     consistency_output,
     ddim_step,
+    dynamic_threshold,
     lcm_inference_timesteps,
     linspace_inference_timesteps,
     model_output_to_x0_eps,
@@ -262,7 +263,7 @@ class TLCMScheduler(SchedulerMixin, ConfigMixin):
         x0, eps = model_output_to_x0_eps(model_output, sample, alpha_t, sigma_t, cfg.prediction_type)
         x0_changed = cfg.thresholding or cfg.clip_sample or cfg.boundary_condition == "lcm"
         if cfg.thresholding:
-            x0 = self._threshold_sample(x0)
+            x0 = dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
         elif cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         if cfg.boundary_condition == "lcm":
@@ -306,15 +307,6 @@ class TLCMScheduler(SchedulerMixin, ConfigMixin):
         alpha_p, sigma_p = alpha_sigma(self.alphas_cumprod, t_prev)
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=x0.dtype)
         return ddim_step(x0, noise, alpha_p, sigma_p)
-
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        # Imagen's dynamic thresholding, as in diffusers' schedulers (not meant for latent diffusion).
-        dtype = sample.dtype
-        b, c, *rest = sample.shape
-        flat = sample.float().reshape(b, c * int(np.prod(rest)))
-        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
-        s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
-        return (torch.clamp(flat, -s, s) / s).reshape(b, c, *rest).to(dtype)
 
     # -- training-side helpers, as in diffusers ------------------------------------------------------------------
 

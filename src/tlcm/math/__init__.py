@@ -14,6 +14,7 @@ from tlcm.math.schedule import CLEAN, alpha_sigma, alphas_cumprod_from_config, b
 from tlcm.math.solvers import (
     cfg_combine,
     ddim_step,
+    dynamic_threshold,
     guidance_imagen_to_lcm,
     guidance_lcm_to_imagen,
     renoise,
@@ -37,6 +38,7 @@ __all__ = [
     "cfg_combine",
     "consistency_output",
     "ddim_step",
+    "dynamic_threshold",
     "guidance_imagen_to_lcm",
     "guidance_lcm_to_imagen",
     "lcm_inference_timesteps",

@@ -42,3 +42,14 @@ def guidance_lcm_to_imagen(w: float) -> float:
 def guidance_imagen_to_lcm(g: float) -> float:
     """diffusers' ``guidance_scale`` ``g`` to LCM's ``w``: ``w = g - 1``."""
     return g - 1.0
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding of an x0 estimate: per sample, ``s = clamp(quantile(|x0|, ratio), 1, max_value)``,
+    then ``clamp(x0, -s, s) / s`` (as diffusers' schedulers' ``thresholding=True``; meant for pixel, not latent, space).
+    """
+    dtype = x0.dtype
+    b = x0.shape[0]
+    flat = x0.float().reshape(b, -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
