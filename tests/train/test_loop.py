@@ -151,3 +151,55 @@ def test_nan_loss_stops_with_step_and_checkpoint(tiny_cfg, dataset_fn):
             distill(cfg, pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn, log_with=None, progress=False)
     finally:
         unregister_loss("unit_test_nan_after_2")
+
+
+def test_full_finetune_with_guidance_embedding_resumes_and_exports_unet(tiny_cfg, dataset_fn, tmp_path):
+    """Full LCM: a student UNet with a w embedding, an EMA target (checkpointed), a unet/ folder."""
+    from diffusers import UNet2DConditionModel
+
+    common = dict(recipe="lcm", student="full", guidance_embedding=True, max_steps=2, checkpointing_steps=1,
+                  ema_decay=0.5, learning_rate=1e-3, validation_prompts=[])
+    full = tmp_path / "full"
+    distill(tiny_cfg(output_dir=str(full), **common), pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn,
+            log_with=None, progress=False)
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-1", part / "checkpoints" / "checkpoint-1")
+    distill(tiny_cfg(output_dir=str(part), **common), pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn,
+            resume="latest", log_with=None, progress=False)
+    a = UNet2DConditionModel.from_pretrained(str(full / "unet"))
+    b = UNet2DConditionModel.from_pretrained(str(part / "unet"))
+    assert a.config.time_cond_proj_dim is not None
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # EMA target restored exactly
+    teacher = tiny_sd15_pipeline(0).unet.state_dict()
+    assert any(not torch.equal(sa[k], teacher[k]) for k in teacher)
+    assert not (full / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_sdxl_lora_exports_and_loads(tiny_cfg, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from tlcm.testing import tiny_sdxl_components, tiny_sdxl_pipeline
+
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(4, 4, 16, 16, generator=g)
+
+    def ds(rank, world):
+        return [{"latents": lat[i], "prompt": "x", "negative_prompt": ""} for i in range(rank, 4, world)]
+
+    out = tmp_path / "xl"
+    trained = tiny_sdxl_pipeline(0)
+    distill(tiny_cfg(recipe="lcm", output_dir=str(out), max_steps=1, learning_rate=0.05, validation_prompts=[],
+                     resolution=32), pipe=trained, dataset_fn=ds, log_with=None, progress=False)
+    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(0))
+    z, t = torch.randn(1, 4, 16, 16), torch.tensor([499])
+    kw = dict(encoder_hidden_states=torch.randn(1, 16, 64),
+              added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])})
+    with torch.no_grad():
+        student = trained.unet(z, t, **kw).sample
+        base = pipe.unet(z, t, **kw).sample
+        pipe.load_lora_weights(str(out))
+        lora = pipe.unet(z, t, **kw).sample
+    assert (lora - base).abs().max() > 1e-5
+    torch.testing.assert_close(lora, student, atol=1e-4, rtol=1e-4)
