@@ -176,9 +176,24 @@ def decode_latents(pipe, latents: torch.Tensor):
 # -------------------------------------------------------------------------------------------------- the engine
 
 
+class _SingleProcess:
+    process_index, num_processes, is_main_process, device = 0, 1, True, None
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def _dist(device: str | None = None):
-    """accelerate's process state. Without CUDA (or with ``--device cpu``) processes started by ``torchrun`` or
-    ``accelerate launch --multi_gpu`` join a gloo group: accelerate only does that when told ``cpu=True``."""
+    """accelerate's process state when launched with several processes, else a trivial one (so a single-process
+    run leaves accelerate's global state alone for a trainer in the same process). Without CUDA (or with
+    ``--device cpu``) processes started by ``torchrun`` or ``accelerate launch --multi_gpu`` join a gloo group:
+    accelerate only does that when told ``cpu=True``."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return _SingleProcess()
     from accelerate import PartialState
 
     cpu = not torch.cuda.is_available() or (device is not None and str(device).startswith("cpu"))
