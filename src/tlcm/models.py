@@ -123,8 +123,6 @@ def _single_file_pipeline(path: Path, model: str, config: str | Path | None, dty
             sdxl = False
         kwargs["config"] = str(cfg)
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    if not sdxl:
-        kwargs["load_safety_checker"] = False
     try:
         return cls.from_single_file(str(path), **kwargs, **_dtype_kwarg(dtype))
     except Exception as err:  # diffusers raises many types here (OSError, ValueError, HTTP errors, KeyError)
