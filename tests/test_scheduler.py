@@ -547,3 +547,26 @@ def test_lcm_mode_equals_lcmscheduler_in_latent_consistency_pipelines(img2img, s
         call.update(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)), strength=strength)
     ref, ours = _run_both(pipe, "sd15", "epsilon", **call)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["lcm", "tcd", "segments"])
+def test_half_precision_steps(dtype, mode):
+    # Half-precision latents stay half (the float32 schedule scalars do not promote them); mode lcm stays identical to
+    # LCMScheduler there too.
+    ours = TLCMScheduler(mode=mode, num_segments=4)
+    ours.set_timesteps(4)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ref = LCMScheduler()
+    ref.set_timesteps(4)
+    z_ref = z.clone()
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in ours.timesteps:
+        out = ours.step(torch.sin(z), t, z, generator=g1)
+        assert out.prev_sample.dtype == dtype and out.denoised.dtype == dtype
+        assert torch.isfinite(out.prev_sample.float()).all()
+        if mode == "lcm":
+            b = ref.step(torch.sin(z_ref), t, z_ref, generator=g2)
+            assert torch.equal(out.prev_sample, b.prev_sample)
+            z_ref = b.prev_sample
+        z = out.prev_sample
