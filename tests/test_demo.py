@@ -1,0 +1,64 @@
+"""The demo's code path on a tiny random teacher (the CI smoke test runs `tlcm demo --quick` on the toy teacher)."""
+
+import json
+
+import pytest
+
+import tlcm.demo as demo
+from tlcm.errors import TLCMError
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from tlcm.testing import save_tiny_pipeline
+
+    return str(save_tiny_pipeline("sd15", tmp_path_factory.mktemp("teacher") / "sd15"))
+
+
+def _cfg(out, teacher, **kw):
+    base = dict(out=str(out), teacher=teacher, device="cpu", records=8, synth_steps=1, mlcd_steps=1, tlcm_steps=1,
+                baseline_lcm=False, eval_prompts=3, eval_steps=(1, 2), teacher_solvers=("ddim",),
+                teacher_ceiling_steps=3, reference_steps=1, progress=False)
+    base.update(kw)
+    return demo.demo_config(True, **base)
+
+
+def test_demo_end_to_end_then_resume_skips_every_stage(tiny_teacher, tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    results = demo.run_demo(_cfg(out, tiny_teacher), log=lambda *_: None)
+    cells = {c["cell"] for c in results["cells"]}
+    assert cells == {"teacher__ddim__s1__g4", "teacher__ddim__s2__g4", "teacher3__ddim__s3__g4",
+                     "tlcm__tlcm__s1__g1", "tlcm__tlcm__s2__g1", "mlcd__tlcm__s1__g1", "mlcd__tlcm__s2__g1"}
+    for c in results["cells"]:
+        assert c["nfe"] == c["steps"] * (2 if c["guidance"] > 1 else 1)
+    for name in ("README.md", "overview.png", "results.csv", "results.json", "plots/latency_s.png"):
+        assert (out / "report" / name).is_file(), name
+    readme = (out / "report" / "README.md").read_text()
+    assert "| tlcm | tlcm | 2 | 1 | 2 |" in readme and "| distill tlcm |" in readme
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages) == {"synthesize", "distill mlcd", "distill tlcm", "evaluate"}
+
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(demo, "_synthesize", boom)
+    monkeypatch.setattr(demo, "_distill", boom)
+    again = demo.run_demo(_cfg(out, tiny_teacher), log=lambda *_: None)
+    assert [c["cell"] for c in again["cells"]] == [c["cell"] for c in results["cells"]]
+
+    with pytest.raises(TLCMError, match="other settings"):
+        demo.run_demo(_cfg(out, tiny_teacher, records=9), log=lambda *_: None)
+
+
+def test_quick_is_smaller_with_the_same_stages():
+    full, quick = demo.demo_config(False), demo.demo_config(True)
+    for key in ("records", "mlcd_steps", "tlcm_steps", "lcm_steps", "eval_prompts"):
+        assert getattr(quick, key) < getattr(full, key)
+    assert quick.eval_steps == full.eval_steps and quick.teacher_solvers == full.teacher_solvers
+    assert demo.demo_config(True, records=5).records == 5
+
+
+def test_demo_refuses_a_file_as_out(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(TLCMError, match="is a file"):
+        demo.run_demo(demo.demo_config(True, out=str(tmp_path / "f")))
