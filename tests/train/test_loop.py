@@ -194,8 +194,9 @@ def test_sdxl_lora_exports_and_loads(tiny_cfg, tmp_path):
                      resolution=32), pipe=trained, dataset_fn=ds, log_with=None, progress=False)
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(0))
     z, t = torch.randn(1, 4, 16, 16), torch.tensor([499])
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]])
     kw = dict(encoder_hidden_states=torch.randn(1, 16, 64),
-              added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]])})
+              added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": time_ids})
     with torch.no_grad():
         student = trained.unet(z, t, **kw).sample
         base = pipe.unet(z, t, **kw).sample
@@ -203,3 +204,12 @@ def test_sdxl_lora_exports_and_loads(tiny_cfg, tmp_path):
         lora = pipe.unet(z, t, **kw).sample
     assert (lora - base).abs().max() > 1e-5
     torch.testing.assert_close(lora, student, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_lora_step_runs(tiny_cfg, dataset_fn):
+    cfg = tiny_cfg(recipe="mlcd", max_steps=1, mixed_precision="bf16", validation_prompts=[])
+    out = distill(cfg, pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn, log_with=None, progress=False)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 1 and all(v == v for v in summary["final_losses"].values())  # finite
+    lora = _lora(out)
+    assert all(v.dtype == torch.float32 for v in lora.values())  # LoRA kept in fp32

@@ -205,8 +205,14 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
 
 def _make_accelerator(cfg: DistillConfig, output_dir: Path, log_with):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    if AcceleratorState._shared_state and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # a second run in one (non-distributed) Python process with another precision: accelerate keeps global
+        # state, so start it afresh rather than fail
+        if AcceleratorState().mixed_precision != cfg.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=True)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     return Accelerator(
