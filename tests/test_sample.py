@@ -226,3 +226,24 @@ def test_scheduler_settings_it_rejects_are_clear_errors(tiny_sd15_dir, tmp_path,
     assert "tlcm sample: error: the TLCM scheduler rejects these settings" in err and "fix:" in err
     assert main(base + ["--gamma", "1.5"]) == 2
     assert "gamma must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_load_student_on_a_built_pipeline(sd15_lora_file, tmp_path):
+    from tlcm.sample import load_student
+    from tlcm.scheduler import TLCMScheduler
+    from tlcm.testing import tiny_sd15_pipeline
+
+    student = tmp_path / "student"
+    (student / "scheduler").mkdir(parents=True)
+    (student / "pytorch_lora_weights.safetensors").write_bytes(sd15_lora_file.read_bytes())
+    TLCMScheduler(mode="segments", num_segments=2, boundary_condition="none").save_config(str(student / "scheduler"))
+    (student / "tlcm_sampling.json").write_text(json.dumps({"guidance_scale": 0.0, "num_inference_steps": 2}))
+    pipe = tiny_sd15_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    base = _arr(generate(pipe, ["a cat"], num_inference_steps=2, guidance_scale=0.0, seeds=[0])[0])
+    defaults = load_student(pipe, str(student))
+    assert defaults == {"guidance_scale": 0.0, "num_inference_steps": 2}
+    assert pipe.scheduler.config.mode == "segments" and pipe.scheduler.config.boundary_condition == "none"
+    assert pipe.get_list_adapters() == {"unet": ["student"]}
+    out = _arr(generate(pipe, ["a cat"], seeds=[0], **defaults)[0])
+    assert not np.array_equal(base, out)

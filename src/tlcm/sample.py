@@ -29,14 +29,6 @@ DEFAULT_GUIDANCE_SCALE = 1.0
 MAX_RECOMMENDED_STEPS = 8
 
 
-def _scheduler_class():
-    try:
-        from tlcm.scheduler import TLCMScheduler
-    except ImportError:
-        return None
-    return TLCMScheduler
-
-
 def configure_scheduler(
     pipe,
     mode: str | None = "lcm",
@@ -54,20 +46,27 @@ def configure_scheduler(
     base = dict(config if config is not None else pipe.scheduler.config)
     kwargs = {k: v for k, v in dict(mode=mode, gamma=gamma, num_segments=num_segments, timestep_grid=timestep_grid,
                                     **overrides).items() if v is not None}
-    cls = _scheduler_class()
-    if cls is None:
-        # TLCMScheduler absent (an older install): diffusers' LCMScheduler is exactly its mode "lcm" with gamma 1.
-        from diffusers import LCMScheduler
+    from tlcm.scheduler import TLCMScheduler
 
-        unsupported = {k: v for k, v in kwargs.items() if not (k == "mode" and v == "lcm") and
-                       not (k == "gamma" and float(v) == 1.0)}
-        if unsupported:
-            raise TLCMError(f"scheduler options {unsupported} need tlcm.scheduler.TLCMScheduler, which is not "
-                            "available in this installation", "drop those options or update tlcm")
-        pipe.scheduler = LCMScheduler.from_config(base)
-    else:
-        pipe.scheduler = cls.from_config(base, **kwargs)
+    pipe.scheduler = TLCMScheduler.from_config(base, **kwargs)
     return pipe.scheduler
+
+
+def load_student(pipe, path: str, weight: float = 1.0, **scheduler_overrides) -> dict:
+    """Put a LoRA (any format :mod:`tlcm.lora` reads) on an already built ``pipe`` and, for a tlcm student folder,
+    its trained-for scheduler (``scheduler/scheduler_config.json``; otherwise a default TLCM scheduler built from the
+    pipe's config). Returns the folder's sampling defaults (``tlcm_sampling.json``: guidance_scale,
+    num_inference_steps, ...), ``{}`` when there are none. ``scheduler_overrides`` (``mode``, ``gamma``, ...) win.
+    """
+    from tlcm.lora import describe_lora, load_loras
+
+    source = describe_lora(path)
+    load_loras(pipe, [(path, weight)])
+    if source.scheduler_config is not None:
+        configure_scheduler(pipe, **{"mode": None, **scheduler_overrides}, config=source.scheduler_config)
+    else:
+        configure_scheduler(pipe, **{"mode": source.sampling.get("mode", "lcm"), **scheduler_overrides})
+    return dict(source.sampling)
 
 
 def check_size(height: int | None, width: int | None) -> None:
