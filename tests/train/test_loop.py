@@ -191,7 +191,7 @@ def test_sdxl_lora_exports_and_loads(tiny_cfg, tmp_path):
     out = tmp_path / "xl"
     trained = tiny_sdxl_pipeline(0)
     distill(tiny_cfg(recipe="lcm", output_dir=str(out), max_steps=1, learning_rate=0.05, validation_prompts=[],
-                     resolution=32), pipe=trained, dataset_fn=ds, log_with=None, progress=False)
+                     resolution=32, uncond="zeros"), pipe=trained, dataset_fn=ds, log_with=None, progress=False)
     pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(0))
     z, t = torch.randn(1, 4, 16, 16), torch.tensor([499])
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]])

@@ -71,6 +71,7 @@ class DistillConfig:
     timestep_scaling: float = 10.0
     sigma_data: float = 0.5
     num_segments: int = 4  # mlcd / tlcm
+    uncond: str = "prompt"  # prompt (the encoded negative prompt, "" by default) | zeros (diffusers' LCM scripts)
 
     # TLCM stage 2
     stage2_source: str = "student"  # student (own multistep samples, the paper) | data (synthetic shard latents)
@@ -266,6 +267,7 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
     _choice(cfg, "stage2_source", ("student", "data"))
     _choice(cfg, "stage2_times", ("grid", "edges"))
     _choice(cfg, "timestep_grid", ("lcm", "linspace"))
+    _choice(cfg, "uncond", ("prompt", "zeros"))
     if not cfg.teacher:
         raise TLCMError("no teacher given", "pass --teacher MODEL (a hub id, a diffusers folder, or 'toy')")
     if need_output and not cfg.output_dir:

@@ -347,7 +347,15 @@ def distill(
             cond = encoder.from_embeds(batch["prompt_embeds"].to(device), batch.get("pooled_prompt_embeds"))
         else:
             cond = encoder(batch["prompt"])
-        uncond = encoder(batch["negative_prompt"])
+        if cfg.uncond == "zeros":  # diffusers' LCM scripts: all-zero text states (and pooled embeds) as "uncond"
+            from tlcm.models import Conditioning
+
+            extra = None if cond.added_cond_kwargs is None else {
+                "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
+                "time_ids": cond.added_cond_kwargs["time_ids"]}
+            uncond = Conditioning(torch.zeros_like(cond.encoder_hidden_states), extra)
+        else:
+            uncond = encoder(batch["negative_prompt"])
         cond, uncond = cond.to(device, weight_dtype), uncond.to(device, weight_dtype)
         # 5a. times, noise and guidance for this micro-batch
         times = sample_training_times(cfg, bsz, gen)
