@@ -247,3 +247,13 @@ def test_load_student_on_a_built_pipeline(sd15_lora_file, tmp_path):
     assert pipe.get_list_adapters() == {"unet": ["student"]}
     out = _arr(generate(pipe, ["a cat"], seeds=[0], **defaults)[0])
     assert not np.array_equal(base, out)
+
+
+def test_keep_scheduler_samples_a_teacher_with_its_own_scheduler(tiny_sd15_dir, tmp_path, capsys):
+    base = ["sample", "--model", str(tiny_sd15_dir), "--prompt", "x", "--no-progress", "--keep-scheduler"]
+    assert main(base + ["--steps", "10", "--out", str(tmp_path / "o")]) == 0
+    assert "warning" not in capsys.readouterr().err  # many steps are expected for a teacher
+    record = json.loads((tmp_path / "o" / "sample_config.json").read_text())
+    assert record["scheduler"]["class"] == "DDIMScheduler" and record["steps"] == 10
+    assert main(base + ["--gamma", "0.5", "--out", str(tmp_path / "p")]) == 2
+    assert "--keep-scheduler keeps the pipeline's own" in capsys.readouterr().err
