@@ -53,6 +53,12 @@ def run_stage(name: str, cmd: list[str], done: Path, log: list[dict], env: dict)
     return entry
 
 
+def resume_flag(run_dir: Path) -> list[str]:
+    """``--resume latest`` when an interrupted run left checkpoints (distill continues it bit-identically)."""
+    ckpts = run_dir / "checkpoints"
+    return ["--resume", "latest"] if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")) else []
+
+
 def summary_of(run_dir: Path) -> dict:
     path = run_dir / "train_summary.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -130,7 +136,7 @@ def main() -> int:
     pending = []
     for recipe in ("lcm", "mlcd"):
         cmd = tlcm_cmd("distill", "--preset", f"toy-{recipe}", "--data", str(shards), "--output-dir",
-                       str(out / recipe), "--no-progress", *q)
+                       str(out / recipe), "--no-progress", *q, *resume_flag(out / recipe))
         entry = {"stage": f"distill-{recipe}", "command": " ".join(shlex.quote(c) for c in cmd).replace(
             sys.executable, "python")}
         log.append(entry)
@@ -141,7 +147,8 @@ def main() -> int:
         if proc.wait() != 0:
             raise SystemExit(f"[distill_toy] stage {entry['stage']} failed with exit code {proc.returncode}")
     run_stage("distill-tlcm", tlcm_cmd("distill", "--preset", "toy-tlcm", "--data", str(shards), "--output-dir",
-                                       str(out / "tlcm"), "--set", f"init_lora={out / 'mlcd'}", "--no-progress", *q),
+                                       str(out / "tlcm"), "--set", f"init_lora={out / 'mlcd'}", "--no-progress", *q,
+                                       *resume_flag(out / "tlcm")),
               out / "tlcm" / "README.md", log, env)
     full_steps = "3" if args.quick else "20"
     run_stage("distill-lcm-full (cost only)", tlcm_cmd("distill", "--preset", "toy-lcm", "--data", str(shards),
