@@ -176,3 +176,22 @@ def test_cli_generate_and_inspect(sd15_dir, prompt_file, tmp_path, capsys):
     shard.write_bytes(bytes(data))
     code, err = _cli(capsys, "--inspect", shard, "--max-images", "0")
     assert code == 2 and str(shard) in err and "corrupt" in err
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("negatives", [None, ["ugly", "blurry"]])
+def test_generation_matches_a_plain_pipeline_call(kind, negatives):
+    # Embeddings computed outside the pipeline (uncond once per run) must give what diffusers gives by itself.
+    from tlcm.data.synthesize import _latent_spec, generate_batch, initial_noise, make_scheduler
+    from tlcm.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+    pipe = (tiny_sd15_pipeline if kind == "sd15" else tiny_sdxl_pipeline)(0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(pipe, "dpmpp")
+    shape, size = _latent_spec(pipe)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    ours = generate_batch(pipe, prompts, negatives, seeds, steps=3, guidance_scale=5.0, latent_shape=shape,
+                          size=size)["latents"]
+    ref = pipe(prompt=prompts, negative_prompt=negatives, latents=initial_noise(seeds, shape), num_inference_steps=3,
+               guidance_scale=5.0, output_type="latent").images
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
