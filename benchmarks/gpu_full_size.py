@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "gpu_full_size.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import update_section  # noqa: E402
 
 # Public configs: runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 (unet/, vae/,
 # text_encoder*/ config.json), reduced to the keys that differ from the diffusers/transformers defaults.
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--a100-per-h100", type=float, default=2.0,
                    help="assumed A100/H100 time ratio for projections (default 2.0: our assumption)")
-    p.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
+    p.add_argument("--write", action="store_true", help="write its section of benchmarks/results/evaluate.md")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
         results["latency"] = measure_sdxl_latency(device, args.repeats)
         print(json.dumps(results["latency"]))
     if args.write:
-        lines = ["# Full-size cost on a GPU", "",
+        lines = ["## Full-size cost on a GPU", "",
                  f"Command: `python benchmarks/gpu_full_size.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
                  f" — {gpu}, {platform.platform()}, torch {torch.__version__}, {results['date']}.", "",
                  "| model | batch/GPU | stage-1 step s | stage-2 step s (est.) | peak GiB | GPU-h (4 GPUs, 12k+2k) |"
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
             lines += ["", f"4-step SDXL 1024px, batch 1: {lat['latency_s'] * 1000:.0f} ms, peak {lat['peak_gib']:.1f}"
                       " GiB.", ""]
         lines.append(f"A100/H100 ratio assumed: {args.a100_per_h100}.")
-        RESULTS.write_text("\n".join(lines) + "\n")
+        update_section("gpu_full_size", "\n".join(lines))
     return 0
 
 

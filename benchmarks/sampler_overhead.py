@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "sampler_overhead.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import update_section  # noqa: E402
 
 
 class NetTimer:
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
+    p.add_argument("--write", action="store_true", help="write its section of benchmarks/results/evaluate.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from tlcm.models import load_pipeline, resolve_device
@@ -159,9 +160,8 @@ def main(argv=None) -> int:
         machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         if device.type == "cuda":
             machine += f", {torch.cuda.get_device_name(device)}"
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(
-            "# Sampler overhead\n\n"
+        update_section("sampler_overhead",
+            "## Sampler overhead\n\n"
             f"Command: `{cmd.strip()}` — model {args.model}, device {device}; {machine}; "
             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}. Median of {args.repeats} runs after a warm-up, "
             "guidance 1 (no CFG).\n\n"

@@ -44,3 +44,15 @@ def test_gpu_script_refuses_without_cuda_and_projects_hours(gpu, monkeypatch):
     assert proj["h100_hours"] == pytest.approx(hours) and proj["a100_hours"] == pytest.approx(2 * hours)
     assert gpu.project({"stage1_step_s": 1.0, "stage2_step_s_est": 3.0}, 2.0, "NVIDIA A100")["a100_hours"] == \
         pytest.approx(hours)
+
+
+def test_results_sections_replace_only_their_own(tmp_path):
+    res = _load("_results")
+    path = tmp_path / "evaluate.md"
+    res.update_section("a", "## A\n1", path)
+    res.update_section("b", "## B\n2", path)
+    res.update_section("a", "## A\n3", path)
+    text = path.read_text()
+    assert text.startswith("# Evaluation benchmarks")
+    assert "## A\n3" in text and "## A\n1" not in text and "## B\n2" in text
+    assert text.index("BEGIN a") < text.index("BEGIN b")
