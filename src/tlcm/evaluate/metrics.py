@@ -370,6 +370,9 @@ class MetricSpec:
 
 def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
     """Instantiate what can run; return ``(metrics, notices)`` with one notice per metric that was skipped."""
+    from tlcm.models import resolve_device
+
+    spec = MetricSpec(**{**spec.__dict__, "device": str(resolve_device(spec.device))})
     metrics: list[Metric] = []
     notices: list[str] = []
 
