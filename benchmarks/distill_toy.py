@@ -206,7 +206,7 @@ def main() -> int:
         wall = s.get("wall_time_s", e.get("wall_s", "(earlier run)"))
         mem = s.get("peak_rss_mib", e.get("peak_rss_mib_children", "-"))
         note = (f"{s.get('steps')} steps, {s.get('trainable_parameters')} trainable parameters, "
-                f"{round(s['wall_time_s'] / max(1, s['steps']), 2)} s/step" if s else "")
+                f"{s.get('s_per_step')} s/step in the loop" if s else "")
         costs.append(f"| {name} | {wall} | {mem} | {note} |")
     text = "\n".join([
         "# Toy-world distillation: lcm / mlcd / tlcm students vs the teacher's solvers",

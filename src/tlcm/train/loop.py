@@ -398,6 +398,7 @@ def distill(
         return total, parts
 
     global_step = start_step
+    t_loop = time.time()
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
                desc=f"distill {cfg.recipe}", dynamic_ncols=True)
     last_logs: dict[str, float] = {}
@@ -443,6 +444,7 @@ def distill(
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
             validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
     bar.close()
+    loop_s = time.time() - t_loop
 
     # 6. export -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -453,7 +455,8 @@ def distill(
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
         summary = {
             "recipe": cfg.recipe, "steps": global_step, "resumed_from_step": start_step,
-            "wall_time_s": round(time.time() - t_begin, 2), "peak_rss_mib": round(peak, 1),
+            "wall_time_s": round(time.time() - t_begin, 2), "train_loop_s": round(loop_s, 2),
+            "s_per_step": round(loop_s / max(1, global_step - start_step), 3), "peak_rss_mib": round(peak, 1),
             "processes": accelerator.num_processes, "final_losses": last_logs,
             "trainable_parameters": sum(p.numel() for p in params),
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
