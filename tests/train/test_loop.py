@@ -213,3 +213,23 @@ def test_bf16_autocast_lora_step_runs(tiny_cfg, dataset_fn):
     assert summary["steps"] == 1 and all(v == v for v in summary["final_losses"].values())  # finite
     lora = _lora(out)
     assert all(v.dtype == torch.float32 for v in lora.values())  # LoRA kept in fp32
+
+
+def test_stored_text_embeddings_are_used(tiny_cfg, monkeypatch):
+    """Shards with prompt_embeds: the text encoder only sees the unconditional prompt."""
+    import tlcm.models
+
+    seen: list[str] = []
+    real = tlcm.models.encode_prompts
+
+    def spy(pipe, prompts, *a, **k):
+        seen.extend(prompts)
+        return real(pipe, prompts, *a, **k)
+
+    monkeypatch.setattr(tlcm.models, "encode_prompts", spy)
+    g = torch.Generator().manual_seed(0)
+    recs = [{"latents": torch.randn(4, 16, 16, generator=g), "prompt": f"never encoded {i}", "negative_prompt": "",
+             "prompt_embeds": torch.randn(16, 32, generator=g)} for i in range(4)]
+    distill(tiny_cfg(max_steps=1, validation_prompts=[]), pipe=tiny_sd15_pipeline(0), dataset_fn=lambda r, w: recs,
+            log_with=None, progress=False)
+    assert seen and set(seen) == {""}
