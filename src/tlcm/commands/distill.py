@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml())
         print(plan_text(cfg))
         return 0
+    import os
+
     out = distill(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"student written to {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"student written to {out}")
     return 0
