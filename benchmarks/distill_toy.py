@@ -29,7 +29,15 @@ RESULTS = REPO / "benchmarks" / "results" / "distill.md"
 STEPS = (1, 2, 3, 4, 8, 50)
 
 
+TOY_ASSETS: str | None = None  # --toy-assets: use a `tlcm toy build` work dir's assets instead of the shipped ones
+
+_WRAP = ("import pathlib, sys, tlcm.toy as toy; toy.assets_dir = lambda: pathlib.Path(sys.argv.pop(1)); "
+         "from tlcm.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def tlcm_cmd(*args: str) -> list[str]:
+    if TOY_ASSETS:
+        return [sys.executable, "-c", _WRAP, TOY_ASSETS, *args]
     return [sys.executable, "-m", "tlcm.cli", *args]
 
 
@@ -117,7 +125,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps per stage (pipeline check, no real numbers)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest when shared)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite benchmarks/results/distill.md")
+    ap.add_argument("--toy-assets", help="assets folder of a `tlcm toy build` work dir (default: the shipped ones)")
     args = ap.parse_args()
+    global TOY_ASSETS
+    if args.toy_assets:
+        TOY_ASSETS = str(Path(args.toy_assets).resolve())
+        import tlcm.toy
+
+        tlcm.toy.assets_dir = lambda: Path(TOY_ASSETS)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
