@@ -31,7 +31,7 @@ STEPS = (1, 2, 3, 4, 8, 50)
 
 TOY_ASSETS: str | None = None  # --toy-assets: use a `tlcm toy build` work dir's assets instead of the shipped ones
 
-_WRAP = ("import pathlib, sys, tlcm.toy as toy; toy.assets_dir = lambda: pathlib.Path(sys.argv.pop(1)); "
+_WRAP = ("import pathlib, sys, tlcm.toy as toy; d = pathlib.Path(sys.argv.pop(1)); toy.assets_dir = lambda: d; "
          "from tlcm.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
