@@ -257,3 +257,16 @@ def test_keep_scheduler_samples_a_teacher_with_its_own_scheduler(tiny_sd15_dir, 
     assert record["scheduler"]["class"] == "DDIMScheduler" and record["steps"] == 10
     assert main(base + ["--gamma", "0.5", "--out", str(tmp_path / "p")]) == 2
     assert "--keep-scheduler keeps the pipeline's own" in capsys.readouterr().err
+
+
+def test_dry_run_prints_resolved_settings_and_writes_nothing(sd15_lora_file, tmp_path, capsys):
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "pytorch_lora_weights.safetensors").write_bytes(sd15_lora_file.read_bytes())
+    (student / "tlcm_sampling.json").write_text(json.dumps(
+        {"guidance_scale": 0.0, "num_inference_steps": 3, "base_model": "org/base"}))
+    out = tmp_path / "out"
+    assert main(["sample", "--lora", f"{student}:0.7", "--prompt", "x", "--out", str(out), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == "org/base" and plan["steps"] == 3 and plan["guidance_scale"] == 0.0
+    assert plan["loras"] == [[str(student), 0.7]] and not out.exists()

@@ -61,10 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default="samples", metavar="DIR", help="output folder (default: samples)")
     g.add_argument("--grid", action="store_true", help="also write grid.png with all images")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars (sampling and model loading)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the resolved settings (student defaults filled in) as JSON and exit; loads nothing")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tlcm.sample import SampleConfig, sample
+    from tlcm.sample import SampleConfig, resolve, sample
 
     if args.no_progress:
         from diffusers.utils import logging as diffusers_logging
@@ -79,6 +81,15 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, height=args.height, width=args.width, out=args.out, grid=args.grid,
         device=args.device, dtype=args.dtype, config=args.config, progress=not args.no_progress,
     )
+    if args.dry_run:
+        import dataclasses
+        import json
+
+        run = resolve(config)
+        for note in run.warnings:
+            print(f"tlcm sample: warning: {note}", file=sys.stderr)
+        print(json.dumps({k: v for k, v in dataclasses.asdict(run).items() if k != "warnings"}, indent=2))
+        return 0
     paths = sample(config, warn=lambda text: print(f"tlcm sample: warning: {text}", file=sys.stderr))
     print(f"wrote {len(paths)} image(s) to {config.out}" + (" and grid.png" if config.grid else ""))
     return 0
