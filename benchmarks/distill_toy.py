@@ -125,6 +125,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps per stage (pipeline check, no real numbers)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest when shared)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite benchmarks/results/distill.md")
+    ap.add_argument("--num-prompts", type=int, default=256, help="evaluation prompts (the toy protocol's 256)")
+    ap.add_argument("--schedulers", default="ddim,dpmpp,euler", help="teacher solvers to compare with")
     ap.add_argument("--toy-assets", help="assets folder of a `tlcm toy build` work dir (default: the shipped ones)")
     args = ap.parse_args()
     global TOY_ASSETS
@@ -171,11 +173,11 @@ def main() -> int:
                                                        "--set", "learning_rate=1e-4", "--max-steps", full_steps,
                                                        "--set", "checkpointing_steps=0", "--no-progress"),
               out / "lcm-full" / "README.md", log, env)
-    few = ["--num-prompts", "32"] if args.quick else []
+    few = ["--num-prompts", "32" if args.quick else str(args.num_prompts)]
     eval_dir = out / "eval"
     run_stage("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir), "--no-reference",
                                    "--lora", f"lcm={out / 'lcm'}", "--lora", f"tlcm={out / 'tlcm'}",
-                                   "--steps", "1,2,3,4,8", "--schedulers", "ddim,dpmpp,euler", *few),
+                                   "--steps", "1,2,3,4,8", "--schedulers", args.schedulers, *few),
               eval_dir / "results.json", log, env)
     eval_mlcd = out / "eval-mlcd"  # a 4-segment MLCD student walks at most 4 steps (edge to edge)
     run_stage("evaluate-mlcd", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_mlcd), "--no-teacher",
