@@ -183,3 +183,24 @@ def test_bad_lora_paths(tmp_path):
     with pytest.raises(TLCMError, match="no weights"):
         load_loras(_sd15(), [(str(tmp_path / "peft"), 1.0)])
     assert describe_lora("latent-consistency/lcm-lora-sdv1-5").kind == "hub"
+
+
+def test_partially_matching_lora_warns(sd15_lora_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tlcm.lora import adapted_unet_layers
+
+    state = load_file(str(sd15_lora_file))
+    n = sum(k.endswith(".lora.down.weight") for k in state)
+    state["unet.extra_block.proj.lora.down.weight"] = torch.zeros(4, 8)
+    state["unet.extra_block.proj.lora.up.weight"] = torch.zeros(8, 4)
+    partial = tmp_path / "partial.safetensors"
+    save_file(state, str(partial))
+    pipe, seen = _sd15(), []
+    (name,) = load_loras(pipe, [(str(partial), 1.0)], warn=seen.append)
+    assert adapted_unet_layers(pipe, name) == n
+    assert seen == [f"only {n} of the {n + 1} UNet layers of LoRA {str(partial)!r} exist in this UNet; the rest are "
+                    "ignored (was it trained for a different base model?)"]
+    seen.clear()
+    load_loras(_sd15(), [(str(sd15_lora_file), 1.0)], warn=seen.append)
+    assert seen == []  # a fully matching LoRA loads silently

@@ -22,6 +22,7 @@ import contextlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,14 +208,38 @@ def loaded_adapters(pipe) -> set[str]:
     return names
 
 
-def load_loras(pipe, specs: list[tuple[str, float]]) -> list[str]:
+_DOWN_SUFFIXES = (".lora.down.weight", ".lora_A.weight", ".lora_down.weight")
+
+
+def _expected_unet_layers(file: str | Path) -> int | None:
+    """How many UNet layers a LoRA file adapts, from its keys (diffusers or kohya naming); None if it cannot tell."""
+    from safetensors import safe_open
+
+    if Path(file).suffix.lower() != ".safetensors":
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    n = sum(1 for k in keys if k.startswith(("unet.", "lora_unet_")) and k.endswith(_DOWN_SUFFIXES))
+    return n or None
+
+
+def adapted_unet_layers(pipe, name: str) -> int:
+    """Number of UNet layers that carry adapter ``name``."""
+    from peft.tuners.lora import LoraLayer
+
+    return sum(1 for m in pipe.unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A)
+
+
+def load_loras(pipe, specs: list[tuple[str, float]], warn: Callable[[str], None] | None = None) -> list[str]:
     """Load each ``(path, weight)`` LoRA onto ``pipe`` as its own adapter and activate all with their weights.
 
     Returns the adapter names, in order. Errors that a user can fix (missing file, LoRA for another base model,
-    nothing matched) are :class:`TLCMError`.
+    nothing matched) are :class:`TLCMError`; a LoRA of which only some UNet layers found a module is loaded with a
+    warning through ``warn`` (default :func:`warnings.warn`), since diffusers silently ignores the rest.
     """
     if not specs:
         return []
+    warn = warn or (lambda text: warnings.warn(text, UserWarning, stacklevel=3))
     taken = loaded_adapters(pipe)
     names = []
     for i, (path, _) in enumerate(specs):
@@ -237,6 +262,12 @@ def load_loras(pipe, specs: list[tuple[str, float]]) -> list[str]:
                             "check the path or hub id; offline, a hub LoRA must already be in the HF cache") from err
         if name not in loaded_adapters(pipe):
             raise _mismatch(source, "none of its keys matches a UNet or text-encoder module")
+        expected = _expected_unet_layers(source.load_path) if source.kind == "file" else None
+        if expected is not None:
+            found = adapted_unet_layers(pipe, name)
+            if found < expected:
+                warn(f"only {found} of the {expected} UNet layers of LoRA {path!r} exist in this UNet; the rest are "
+                     "ignored (was it trained for a different base model?)")
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[float(w) for _, w in specs])
     return names

@@ -324,7 +324,7 @@ def _scheduler_summary(scheduler) -> dict:
     return {"class": type(scheduler).__name__, **cfg}
 
 
-def prepare_pipeline(run: ResolvedSample):
+def prepare_pipeline(run: ResolvedSample, warn: Callable[[str], None] | None = None):
     """Load the model and LoRAs of a resolved run and put the sampling scheduler on it."""
     from tlcm.lora import load_loras
     from tlcm.models import load_pipeline
@@ -341,7 +341,7 @@ def prepare_pipeline(run: ResolvedSample):
             raise TLCMError(f"the TLCM scheduler rejects these settings: {err}",
                             "change --steps/--gamma/--mode (see docs/scheduler.md), or the student's "
                             "scheduler/scheduler_config.json") from err
-    load_loras(pipe, run.loras)
+    load_loras(pipe, run.loras, warn=warn)
     return pipe
 
 
@@ -358,7 +358,7 @@ def sample(config: SampleConfig, warn: Callable[[str], None] | None = None) -> l
     run = resolve(config)
     for note in run.warnings:
         warn(note)
-    pipe = prepare_pipeline(run)
+    pipe = prepare_pipeline(run, warn)
     out = Path(run.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
 
