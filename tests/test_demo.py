@@ -17,7 +17,7 @@ def tiny_teacher(tmp_path_factory):
 
 def _cfg(out, teacher, **kw):
     base = dict(out=str(out), teacher=teacher, device="cpu", records=8, synth_steps=1, mlcd_steps=1, tlcm_steps=1,
-                baseline_lcm=False, eval_prompts=3, eval_steps=(1, 2), teacher_solvers=("ddim",),
+                distill_batch=4, baseline_lcm=False, eval_prompts=3, eval_steps=(1, 2), teacher_solvers=("ddim",),
                 teacher_ceiling_steps=3, reference_steps=1, progress=False)
     base.update(kw)
     return demo.demo_config(True, **base)
