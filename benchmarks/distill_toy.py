@@ -41,9 +41,15 @@ def tlcm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tlcm.cli", *args]
 
 
+def shown(cmd: list[str]) -> str:
+    """The command as a user would type it (``tlcm ...``; the --toy-assets wrapper is described once, not repeated)."""
+    args = cmd[4:] if cmd[1] == "-c" else cmd[3:]
+    return "tlcm " + " ".join(shlex.quote(c) for c in args)
+
+
 def run_stage(name: str, cmd: list[str], done: Path, log: list[dict], env: dict) -> dict:
     """Run ``cmd`` unless ``done`` exists; record wall time and peak RSS of the child."""
-    entry = {"stage": name, "command": " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")}
+    entry = {"stage": name, "command": shown(cmd)}
     if done.exists():
         entry["skipped"] = True
         log.append(entry)
@@ -154,8 +160,7 @@ def main() -> int:
     for recipe in ("lcm", "mlcd"):
         cmd = tlcm_cmd("distill", "--preset", f"toy-{recipe}", "--data", str(shards), "--output-dir",
                        str(out / recipe), "--no-progress", *q, *resume_flag(out / recipe))
-        entry = {"stage": f"distill-{recipe}", "command": " ".join(shlex.quote(c) for c in cmd).replace(
-            sys.executable, "python")}
+        entry = {"stage": f"distill-{recipe}", "command": shown(cmd)}
         log.append(entry)
         if not (out / recipe / "README.md").exists():
             print(f"[distill_toy] {entry['stage']}: {entry['command']}", flush=True)
@@ -198,7 +203,7 @@ def main() -> int:
 
     def get(m, s, i):
         v = look.get((m, s))
-        return None if v is None else v[i]
+        return None if v is None or v[i] is None else round(float(v[i]), 3)
 
     for s in (2, 4, 8):
         t_fid, t_ali = get("tlcm", s, 0), get("tlcm", s, 1)
@@ -254,6 +259,9 @@ def main() -> int:
         "",
         "## Commands",
         "",
+        *([f"(run with `--toy-assets {TOY_ASSETS}`: each command ran as `python -c '<point tlcm.toy.assets_dir at "
+           f"that folder>; tlcm.cli.main(...)'`, i.e. on that toy build instead of the shipped assets)", ""]
+          if TOY_ASSETS else []),
         *[f"- {e['stage']}: `{e['command']}`" for e in log],
         "",
     ])
