@@ -219,6 +219,21 @@ def main() -> int:
     check(f"tlcm 4-step toy-FID within 1.3x of the teacher's 50-step toy-FID ({t4} vs {ref_fid})",
           None if None in (t4, ref_fid) else t4 <= 1.3 * ref_fid)
 
+    # measured metrics into each student's model card
+    from tlcm.train.config import resolve_config
+    from tlcm.train.export import model_card
+
+    for name in ("lcm", "mlcd", "tlcm"):
+        run = out / name
+        if not (run / "config.yaml").exists():
+            continue
+        label = f"toy-FID vs data / alignment, {few[1]} toy prompts"
+        metrics = {f"{s} steps ({label})": f"{v[0]:.3f} / {v[1]:.3f}"
+                   for (m, s), v in sorted(look.items()) if m == name and None not in v}
+        if metrics:
+            card = model_card(resolve_config(config_file=str(run / "config.yaml")), summary_of(run), metrics)
+            (run / "README.md").write_text(card)
+
     costs = ["| stage | wall time (s) | peak memory (MiB) | notes |", "|---|---|---|---|"]
     for e in log:
         name = e["stage"]
