@@ -53,7 +53,7 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-# --- files --------------------------------------------------------------------------------------------------------------
+# --- files ----
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def file_digest(paths, length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
-# --- configs ------------------------------------------------------------------------------------------------------------
+# --- configs ----
 def config_to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -144,7 +144,7 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | No
     return config_from_dict(cls, d)
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------------------
+# --- checkpoints ----
 def save_checkpoint(path: Path, step: int, **state) -> None:
     state = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
     atomic_torch_save({"step": step, "torch_rng": torch.get_rng_state(), **state}, path)
@@ -161,7 +161,7 @@ def load_checkpoint(path: Path, **objects) -> int:
     return int(ckpt["step"])
 
 
-# --- images -------------------------------------------------------------------------------------------------------------
+# --- images ----
 def to_tensor(images) -> torch.Tensor:
     """PIL images, a uint8 ``(N, H, W, 3)`` array, or a float ``(N, 3, H, W)`` tensor in [0, 1] -> float tensor."""
     if isinstance(images, torch.Tensor):
@@ -225,7 +225,7 @@ def load_image_arrays(data_dir: str | os.PathLike, resolution: int, cache: str |
     return images, captions
 
 
-# --- pipeline folder ----------------------------------------------------------------------------------------------------
+# --- pipeline folder ----
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "_diffusers_version": None,

@@ -145,8 +145,8 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
     tmp.replace(out / "classifier.safetensors")
     common.write_json(out / "config.json", model.config)
     metrics = ToyMetrics(model)
-    report = {"train_seconds": round(clock.seconds, 1), "first_loss": float(np.mean(history[:20])) if history else None}
-    report["final_loss"] = float(np.mean(history[-50:])) if history else None
+    report = {"train_seconds": round(clock.seconds, 1), "first_loss": float(np.mean(history[:10])) if history else None}
+    report["final_loss"] = float(np.mean(history[-10:])) if history else None
     report.update(evaluate_classifier(metrics, cfg.eval_images, seed=cfg.seed + 1))
     report["seconds"] = round(clock.seconds, 1)
     common.write_json(out / "report.json", report)

@@ -163,12 +163,10 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     unet = build_unet(cfg, latent_channels=enc["mean"].shape[1])
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_lambda = lambda s: (
-        min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-        * (  # noqa: E731
-            0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps))))
-        )
-    )
+
+    def lr_lambda(s: int) -> float:  # linear warmup, cosine decay
+        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     noise_sched = DDPMScheduler.from_config(common.SD_SCHEDULER_CONFIG)
     acp = noise_sched.alphas_cumprod.float()
@@ -227,8 +225,8 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
         "images": n,
         "unique_captions": int(len(enc["states"])),
         "truncated_captions": int(enc["truncated"]),
-        "first_loss": float(np.mean(history[:20])) if history else None,
-        "final_loss": float(np.mean(history[-50:])) if history else None,
+        "first_loss": float(np.mean(history[:10])) if history else None,
+        "final_loss": float(np.mean(history[-10:])) if history else None,
         "steps": cfg.steps,
         "prep_seconds": round(prep_seconds, 1),
         "train_seconds": round(train_seconds, 1),
