@@ -43,16 +43,15 @@ def test_shuffle_is_deterministic_and_covers_everything(tmp_path):
     assert e0 == a and e1 != e0 and sorted(e1) == list(range(40))
 
 
-@pytest.mark.parametrize("n,per,world", [(12, 3, 2), (10, 3, 2), (10, 3, 3), (7, 7, 2)])
-def test_ranks_are_disjoint_and_complete(tmp_path, n, per, world):
+@pytest.mark.parametrize("n,per,world", [(12, 3, 2), (10, 3, 2), (10, 3, 3), (7, 7, 2), (23, 3, 4), (40, 3, 4)])
+def test_ranks_are_disjoint_complete_and_balanced(tmp_path, n, per, world):
     out, _ = _make(tmp_path, n=n, per=per)
-    seen = []
-    for rank in range(world):
-        ds = open_shards(out, rank=rank, world_size=world, seed=1)
-        got = [r["index"] for r in ds]
-        assert len(got) == len(ds)
-        seen += got
-    assert sorted(seen) == list(range(n))
+    ds = [open_shards(out, rank=rank, world_size=world, seed=1) for rank in range(world)]
+    for _epoch in range(2):
+        got = [[r["index"] for r in d] for d in ds]  # each pass advances the epoch: another shard permutation
+        assert sorted(i for g in got for i in g) == list(range(n))
+        assert max(map(len, got)) - min(map(len, got)) <= 1
+        assert [len(g) for g in got] == [len(d) for d in ds]
 
 
 def test_dataloader_workers_split(tmp_path):

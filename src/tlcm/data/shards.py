@@ -345,36 +345,44 @@ class ShardDataset(IterableDataset):
         return self.manifest["num_records"]
 
     def __len__(self) -> int:
-        """Records this rank sees per epoch (all DataLoader workers together)."""
-        n, w, r = self.num_records, self.world_size, self.rank
-        return len(range(r, n, w)) if not self._by_shard(w) else sum(
-            e["count"] for e in self.manifest["shards"][r::w])
+        """Records this rank sees per epoch (exact without DataLoader workers; with W workers the split is over
+        ``world_size * W`` readers, so the rank's total may differ by up to W records)."""
+        whole, rest = self._split(list(self.manifest["shards"]), self.world_size)
+        shared = sum(e["count"] for e in rest)
+        return sum(e["count"] for e in whole[self.rank::self.world_size]) + len(range(self.rank, shared,
+                                                                                      self.world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _by_shard(self, parts: int) -> bool:
-        # Whole shards per process when they divide evenly (each process reads only its shards); otherwise every
-        # process reads all shards and keeps records whose global index is its own modulo the number of parts.
-        n = self.manifest["num_shards"]
-        counts = {e["count"] for e in self.manifest["shards"]}
-        return n % parts == 0 and len(counts) == 1
+    def _split(self, shards: list[dict], parts: int) -> tuple[list[dict], list[dict]]:
+        """Whole shards to deal round-robin (as many full shards as divide evenly among ``parts`` readers) and the
+        rest, whose records are dealt by global index modulo ``parts``: disjoint, complete, balanced to one record,
+        and each reader reads only its own whole shards plus fewer than ``parts + 1`` shared ones. The shared
+        records are dealt by their position in the shared list, so counts stay balanced to one record."""
+        per = self.manifest["records_per_shard"]
+        full = [e for e in shards if e["count"] == per]
+        k = (len(full) // parts) * parts
+        return full[:k], full[k:] + [e for e in shards if e["count"] != per]
 
     def _records(self, epoch: int, part: int, parts: int) -> Iterator[dict]:
         shards = list(self.manifest["shards"])
         if self.shuffle:
             random.Random(f"{self.seed}/{epoch}/shards").shuffle(shards)
-        by_shard = self._by_shard(parts)
-        if by_shard:
-            shards = shards[part::parts]
+        whole, rest = self._split(shards, parts)
         rng = random.Random(f"{self.seed}/{epoch}/{part}/{parts}")
-        for entry in shards:
+        offsets, total = [], 0
+        for e in rest:
+            offsets.append(total)
+            total += e["count"]
+        jobs = [(e, None) for e in whole[part::parts]] + list(zip(rest, offsets))
+        for entry, offset in jobs:
             verify = self.verify and entry["name"] not in self._verified
             tensors, meta = load_shard(self.root, entry, verify=verify)
             self._verified.add(entry["name"])
             order = list(range(meta["count"]))
-            if not by_shard:
-                order = [j for j in order if (meta["first_record"] + j) % parts == part]
+            if offset is not None:  # shared shard: records dealt by position in the (epoch-ordered) shared list
+                order = [j for j in order if (offset + j) % parts == part]
             if self.shuffle:
                 rng.shuffle(order)
             for j in order:
@@ -436,8 +444,9 @@ def open_shards(path: str | Path, *, shuffle: bool = True, seed: int = 0, rank: 
     ``prompt_embeds``, ``pooled_prompt_embeds``, ``trajectory`` (K,C,H,W) with ``trajectory_timesteps`` (K,).
 
     Records are split across processes (``rank``/``world_size``, by default from ``torch.distributed``) and
-    DataLoader workers: whole shards when they divide evenly, else by record index, so every process sees disjoint
-    records. With ``shuffle`` the shard order is permuted and records pass a ``buffer_size`` shuffle buffer that
+    DataLoader workers: by shard (full shards dealt round-robin) then by record (the few shards left over are
+    shared, their records dealt by index), so every reader sees disjoint records and counts differ by at most one.
+    With ``shuffle`` the shard order is permuted and records pass a ``buffer_size`` shuffle buffer that
     spans shards, deterministically in ``(seed, epoch)``; the epoch advances after each full pass (or set it with
     ``set_epoch``). ``infinite`` repeats epochs forever. ``verify`` checks each shard's sha256 on its first read
     and raises :class:`TLCMError` naming a corrupt file.
