@@ -21,7 +21,8 @@ def _int_list(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="hub id, local diffusers pipeline folder, or 'toy' (the shipped toy teacher)")
     p.add_argument("--prompts", help="prompt file: .txt (one a line), .jsonl/.json/.csv/.tsv/.parquet, a folder saved "
-                   "by datasets' save_to_disk, or 'toy' (the toy world's training captions)")
+                   "by datasets' save_to_disk, or 'toy' (the toy world's training captions; default with "
+                   "--teacher toy)")
     p.add_argument("--out", help="dataset folder to create or resume")
     p.add_argument("--prompt-column", help="column holding the prompts (default: prompt/caption/text)")
     p.add_argument("--negative-column", help="column holding per-record negative prompts")
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         inspect_shard(args.inspect, grid=args.grid, teacher=args.teacher, max_images=args.max_images,
                       device=args.device)
         return 0
+    if args.teacher == "toy" and not args.prompts:
+        args.prompts = "toy"  # the toy world's training-split captions
     missing = [f"--{k}" for k in ("teacher", "prompts", "out") if not getattr(args, k)]
     if missing:
         raise TLCMError(f"missing {', '.join(missing)}",
