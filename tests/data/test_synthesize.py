@@ -32,6 +32,9 @@ def test_same_seed_same_latent_and_regeneration(sd15_dir, prompt_file, tmp_path)
     assert _shas(a) == _shas(b)
     recs = list(open_shards(a, shuffle=False))
     assert [r["seed"] for r in recs] == [0, 1, 2, 3, 4]
+    from tlcm.data import load_shard
+
+    assert load_shard(a, read_manifest(a)["shards"][1])[0]["seeds"].tolist() == [2, 3]
     assert [r["prompt"] for r in recs] == ["a red circle", "a blue square", "green triangle", "yellow star",
                                           "a red circle"]  # prompts cycle, seeds do not
     assert not torch.equal(recs[0]["latents"], recs[4]["latents"])

@@ -412,6 +412,7 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
         tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "trajectory_timesteps"}
         if "trajectory_timesteps" in parts[0]:
             tensors["trajectory_timesteps"] = parts[0]["trajectory_timesteps"]
+        tensors["seeds"] = torch.tensor([gen["seed"] + i for i in range(lo, hi)], dtype=torch.int64)
         store = getattr(torch, gen["latent_dtype"])
         for key in ("latents", "prompt_embeds", "pooled_prompt_embeds", "trajectory"):
             if key in tensors:
@@ -594,10 +595,11 @@ def _grid(images):
 
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    scale = max(1, math.ceil(128 / min(images[0].size)))  # tiny toy images: nearest-neighbour upscaling
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
     canvas = Image.new("RGB", (cols * w, rows * h), "white")
     for i, img in enumerate(images):
-        canvas.paste(img, ((i % cols) * w, (i // cols) * h))
+        canvas.paste(img.resize((w, h), Image.NEAREST), ((i % cols) * w, (i // cols) * h))
     return canvas
 
 
