@@ -198,3 +198,25 @@ def test_generation_matches_a_plain_pipeline_call(kind, negatives):
     ref = pipe(prompt=prompts, negative_prompt=negatives, latents=initial_noise(seeds, shape), num_inference_steps=3,
                guidance_scale=5.0, output_type="latent").images
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dry_run_plans_without_writing(sd15_dir, prompt_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "dry"
+    args = ["--teacher", sd15_dir, "--prompts", prompt_file, "--out", out, "--steps", "2", "--records-per-shard", "2",
+            "--num-records", "5", "--no-progress"]
+    monkeypatch.setattr("tlcm.models.load_pipeline", lambda *a, **k: pytest.fail("teacher loaded"))
+    code = main(["synthesize", *map(str, args), "--dry-run"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and not out.exists()
+    assert plan["action"] == "new dataset" and plan["records"] == 5 and plan["shards"] == 3
+    assert plan["prompts_kept"] == 4 and plan["duplicates_removed"] == 1 and plan["seeds"] == "0..4"
+    monkeypatch.undo()
+    assert main(["synthesize", *map(str, args)]) == 0
+    capsys.readouterr()
+    (out / "shard-00002.json").unlink()
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    assert main(["synthesize", *map(str, args), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "resume: 2 of 3 shards done"
+    code, err = _cli(capsys, *args, "--steps", "3", "--dry-run")
+    assert code == 2 and "steps: 2 -> 3" in err

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-images", choices=["png", "jpeg"], help="also write decoded images to OUT/images/")
     p.add_argument("--overwrite", action="store_true", help="discard an existing dataset with another configuration")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings and the plan (new, resume, "
+                   "nothing to do, refused) without loading the teacher or writing anything")
     p.add_argument("--inspect", metavar="SHARD", help="summarise a shard (or dataset folder), verify its checksum and "
                    "write a grid of decoded samples; ignores the generation flags")
     p.add_argument("--grid", help="with --inspect: where to write the grid PNG (default: DATASET/inspect/SHARD.png)")
@@ -54,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tlcm.data.synthesize import SynthesizeConfig, inspect_shard, synthesize
+    from tlcm.data.synthesize import SynthesizeConfig, inspect_shard, plan, synthesize
 
     if args.inspect:
         inspect_shard(args.inspect, grid=args.grid, teacher=args.teacher, max_images=args.max_images,
@@ -75,5 +77,10 @@ def run(args: argparse.Namespace) -> int:
         trajectory_steps=args.trajectory, save_images=args.save_images, overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if args.dry_run:
+        import json
+
+        print(json.dumps(plan(config), indent=1))
+        return 0
     synthesize(config)
     return 0

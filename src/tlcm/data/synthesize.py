@@ -313,19 +313,13 @@ def _load_teacher(config: SynthesizeConfig, device, pipe=None):
     return pipe, dtype
 
 
-def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
-    """Generate (or finish generating) the dataset described by ``config``; return its folder.
-
-    ``pipe`` may pass an already loaded teacher (its identity is still checked against ``config.teacher``'s
-    fingerprint when the dataset exists). Works single-process and under ``accelerate launch``: each process
-    generates the shards ``k`` with ``k mod world_size == rank``.
-    """
-    state = _dist(config.device)
+def _prepare(config: SynthesizeConfig):
+    """Prompts, resolved settings and the existing dataset's state, without loading the teacher. Raises for a
+    changed configuration (unless ``overwrite``); ``noop`` is True for a complete dataset with the same settings."""
     out = Path(config.out).expanduser()
     prompts = load_prompts(config.prompts, column=config.prompt_column, negative_column=config.negative_column,
                            negative_prompt=config.negative_prompt, dedupe=config.dedupe)
     gen = _resolve(config, prompts)
-
     existing = None
     if out.exists() and not out.is_dir():
         raise TLCMError(f"--out {out} is a file", "pass a folder (it is created if missing)")
@@ -335,6 +329,7 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
         others = [p.name for p in out.iterdir()][:5]
         raise TLCMError(f"--out {out} is not empty and holds no tlcm dataset ({others})",
                         "pick a new or empty folder")
+    noop = False
     if existing is not None and not config.overwrite:
         old = existing.get("generation", {})
         default_w = old.get("guidance_scale") if gen["guidance_scale"] is None else gen["guidance_scale"]
@@ -343,10 +338,40 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
             raise TLCMError(f"{out} was generated with a different configuration: " + "; ".join(changes),
                             "re-run with the original settings to resume, pass --overwrite to discard it, "
                             "or choose another --out")
-        if existing.get("complete") and existing.get("teacher", {}).get("id") == config.teacher:
-            if state.is_main_process:
-                print(f"{out}: complete ({existing['num_records']} records), nothing to do")
-            return out
+        noop = bool(existing.get("complete")) and existing.get("teacher", {}).get("id") == config.teacher
+    return out, prompts, gen, existing, noop
+
+
+def plan(config: SynthesizeConfig) -> dict:
+    """What ``synthesize(config)`` would do, without loading the teacher or writing anything (``--dry-run``)."""
+    out, prompts, gen, existing, noop = _prepare(config)
+    n, per = gen["num_records"], config.records_per_shard
+    shards = math.ceil(n / per)
+    done = 0 if existing is None or config.overwrite else sum(completed_shard(out, k) is not None
+                                                                 for k in range(shards))
+    action = ("nothing to do: complete" if noop else "overwrite" if existing is not None and config.overwrite
+              else f"resume: {done} of {shards} shards done" if existing is not None else "new dataset")
+    return {"out": str(out), "action": action, "teacher": config.teacher, "prompts": prompts.source,
+            "prompts_kept": len(prompts), "duplicates_removed": prompts.duplicates_removed,
+            "empty_removed": prompts.empty_removed, "records": n, "shards": shards, "shards_done": done,
+            "seeds": f"{gen['seed']}..{gen['seed'] + n - 1}",
+            "generation": {**gen, "guidance_scale": gen["guidance_scale"] if gen["guidance_scale"] is not None
+                           else "default (7.5; SDXL 6.0)"}}
+
+
+def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
+    """Generate (or finish generating) the dataset described by ``config``; return its folder.
+
+    ``pipe`` may pass an already loaded teacher (its identity is still checked against ``config.teacher``'s
+    fingerprint when the dataset exists). Works single-process and under ``accelerate launch``: each process
+    generates the shards ``k`` with ``k mod world_size == rank``.
+    """
+    state = _dist(config.device)
+    out, prompts, gen, existing, noop = _prepare(config)
+    if noop:
+        if state.is_main_process:
+            print(f"{out}: complete ({existing['num_records']} records), nothing to do")
+        return out
 
     from tlcm.models import is_sdxl, resolve_device
 
