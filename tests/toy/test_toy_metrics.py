@@ -65,7 +65,7 @@ def test_precision_recall_in_feature_space():
 
 
 def test_metrics_trainer_writes_a_loadable_classifier(tmp_path):
-    cfg = MetricsConfig(train_images=64, eval_images=20, steps=3, batch_size=8, width=8, feature_dim=16)
+    cfg = MetricsConfig(train_images=64, eval_images=20, steps=3, batch_size=8, width=8, feature_dim=16, threads=1)
     report = train_metrics(cfg, tmp_path / "m", progress=False)
     assert {"accuracy_train_mean", "toy_fid_real_vs_real", "toy_fid_real_vs_noise"} <= set(report)
     m = ToyMetrics.load(tmp_path / "m")
@@ -90,6 +90,10 @@ def test_shipped_teacher_loads_and_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("TLCM_CACHE", str(tmp_path))
     assert (teacher_path() / "model_index.json").is_file()
     pipe = load_teacher()
-    out = pipe(["a large red circle in the center on a white background"], num_inference_steps=4,
-               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    out = pipe(
+        ["a large red circle in the center on a white background"],
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

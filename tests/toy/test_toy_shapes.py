@@ -56,7 +56,9 @@ def test_grammar_has_paraphrases():
     assert len(set(texts)) > 300
     assert any("backdrop" in t for t in texts) and any(" on a " in t for t in texts)
     assert any("disc" in t for t in texts) and any("big" in t for t in texts)
-    assert any(":" in t for t in texts) and any(t.startswith("a ") for t in texts) and any(" with a " in t for t in texts)
+    assert (
+        any(":" in t for t in texts) and any(t.startswith("a ") for t in texts) and any(" with a " in t for t in texts)
+    )
 
 
 def test_parser_reads_the_issue_examples_and_partial_prompts():
@@ -127,7 +129,9 @@ def test_imagefolder_import_of_a_user_folder(tmp_path):
     Image.new("RGB", (64, 48), (200, 10, 10)).save(folder / "a.jpg")
     Image.new("RGB", (20, 20), (10, 10, 200)).save(folder / "b.png")
     (folder / "metadata.jsonl").write_text(
-        json.dumps({"file_name": "a.jpg", "caption": "red"}) + "\n" + json.dumps({"file_name": "b.png", "caption": "blue"})
+        json.dumps({"file_name": "a.jpg", "caption": "red"})
+        + "\n"
+        + json.dumps({"file_name": "b.png", "caption": "blue"})
     )
     pairs = shapes.load_imagefolder(folder)
     assert [c for _, c in pairs] == ["red", "blue"]

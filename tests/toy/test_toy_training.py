@@ -15,11 +15,19 @@ from tlcm.toy import autoencoder, common, shapes, teacher
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     """A 48-image dataset, a VAE trained a few dozen steps and a teacher trained a few dozen steps on it."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the test machine is shared: one thread avoids OpenMP stalls under load
     root = tmp_path_factory.mktemp("toyworld")
     shapes.export_imagefolder(root / "data", 48, seed=0, n_heldout=4)
     vae_cfg = autoencoder.VAEConfig(
-        data=str(root / "data"), steps=30, batch_size=8, crop=16, eval_images=8, checkpoint_every=10, warmup_steps=5
+        data=str(root / "data"),
+        block_out_channels=(8, 16, 16),
+        steps=30,
+        batch_size=8,
+        crop=16,
+        eval_images=8,
+        checkpoint_every=10,
+        warmup_steps=5,
+        threads=1,
     )
     vae_report = autoencoder.train_vae(vae_cfg, root / "vae", progress=False)
     t_cfg = teacher.TeacherConfig(
@@ -31,7 +39,9 @@ def tiny_world(tmp_path_factory):
         warmup_steps=5,
         lr=2e-3,
         sample_prompts=2,
+        sample_steps=4,
         checkpoint_every=20,
+        threads=1,
     )
     t_report = teacher.train_teacher(t_cfg, root / "teacher", progress=False)
     return root, vae_report, t_report
@@ -60,7 +70,15 @@ def test_vae_training_resumes_from_its_checkpoint(tiny_world, tmp_path):
 
     shutil.copytree(root / "vae", tmp_path / "vae")
     (tmp_path / "vae" / "report.json").unlink()
-    cfg = autoencoder.VAEConfig(data=str(root / "data"), steps=32, batch_size=4, crop=16, eval_images=4)
+    cfg = autoencoder.VAEConfig(
+        data=str(root / "data"),
+        block_out_channels=(8, 16, 16),
+        steps=32,
+        batch_size=4,
+        crop=16,
+        eval_images=4,
+        threads=1,
+    )
     report = autoencoder.train_vae(cfg, tmp_path / "vae", progress=False)
     assert torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["step"] == 32
     assert report["steps"] == 32
@@ -91,8 +109,13 @@ def test_saved_teacher_is_a_stable_diffusion_pipeline_sampled_by_diffusers_sched
     ):
         pipe.scheduler = sched
         g = torch.Generator().manual_seed(0)
-        img = pipe(["a big red square in the center on a white background"] * 2, num_inference_steps=3,
-                   guidance_scale=5.0, generator=g, output_type="pt").images
+        img = pipe(
+            ["a big red square in the center on a white background"] * 2,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            generator=g,
+            output_type="pt",
+        ).images
         assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
         outs.append(img)
     assert not torch.allclose(outs[0], outs[1])  # two different solvers

@@ -41,7 +41,8 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     checkpoint_every: int = 100
-    sample_prompts: int = 32
+    sample_prompts: int = 32  # prompts of the samples.png grid written at the end (0: none)
+    sample_steps: int = 50
     seed: int = 0
     threads: int = 2
 
@@ -216,10 +217,11 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     common.assemble_pipeline(out / "pipeline", out / "unet", cfg.vae, tokenizer_dir=tokenizer_dir)
     from tlcm.toy.shapes import prompts as shape_prompts
 
-    sample_prompts = shape_prompts(cfg.sample_prompts, seed=cfg.seed + 99, split="train")
-    images = sample_pipeline(out / "pipeline", sample_prompts, seed=cfg.seed)
-    common.save_grid(images, out / "samples.png", nrow=8, scale=3)
-    common.atomic_write_text(out / "samples.txt", "\n".join(sample_prompts) + "\n")
+    if cfg.sample_prompts > 0:
+        sample_prompts = shape_prompts(cfg.sample_prompts, seed=cfg.seed + 99, split="train")
+        images = sample_pipeline(out / "pipeline", sample_prompts, steps=cfg.sample_steps, seed=cfg.seed)
+        common.save_grid(images, out / "samples.png", nrow=8, scale=3)
+        common.atomic_write_text(out / "samples.txt", "\n".join(sample_prompts) + "\n")
     report = {
         "parameters": sum(p.numel() for p in ema.parameters()),
         "images": n,
