@@ -244,6 +244,25 @@ def project(train: dict, a100_per_h100: float, gpu_name: str) -> dict:
             "h100_hours": hours if is_h100 else hours / a100_per_h100}
 
 
+def dry_run_section(rows: list[dict], argv) -> str:
+    cmd = "python benchmarks/gpu_full_size.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["## Full-size cost on a GPU (not yet measured)", "",
+             f"Command: `{cmd.strip()}` — {platform.platform()}, torch {torch.__version__}, "
+             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}.", "",
+             "No GPU was available when this was written: the script has not been run on one, so there are no "
+             "step times, memory, latency or projected A100/H100-hours yet. The dry run below checks the public "
+             "configs (built on the meta device) and prints what a GPU run measures. Run "
+             "`python benchmarks/gpu_full_size.py --write` on a CUDA machine to fill this section.", "",
+             "| model | UNet params (M) | LoRA rank | LoRA targets | LoRA params (M) | resolution | latents/GPU |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['unet_params_M']} | {r['lora_rank']} | {r['lora_targets']} | "
+                     f"{r['lora_params_M']} | {r['resolution']} | {tuple(r['latent_shape'])} |")
+    lines += ["", f"Paper schedule projected: {PAPER_SCHEDULE['stage1_iters']} stage-1 + "
+              f"{PAPER_SCHEDULE['stage2_iters']} stage-2 iterations on {PAPER_SCHEDULE['gpus']} GPUs."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU: build configs on the meta device and print the plan")
@@ -268,6 +287,8 @@ def main(argv=None) -> int:
     print(f"  paper schedule: {json.dumps(PAPER_SCHEDULE)}; measure: MLCD LoRA step (bf16 base, fp32 LoRA), "
           "stage-2 step estimate, 4-step 1024px SDXL latency (fp16)")
     if args.dry_run:
+        if args.write:
+            update_section("gpu_full_size", dry_run_section(rows, argv))
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)

@@ -32,6 +32,8 @@ def test_gpu_dry_run_builds_public_configs_and_counts_lora(gpu, capsys):
     assert rows["sdxl"]["lora_params_M"] == pytest.approx(196.8, abs=1.0)
     assert rows["sdxl"]["latent_shape"] == (4, 4, 128, 128) and rows["sd15"]["latent_shape"] == (16, 4, 64, 64)
     assert '"model": "sdxl"' in out and "paper schedule" in out
+    section = gpu.dry_run_section(gpu.plan(["sd15"], {"sd15": 16}, 64), ["--dry-run"])
+    assert "not yet measured" in section and "| sd15 | 859.52 | 64 |" in section
 
 
 def test_gpu_script_refuses_without_cuda_and_projects_hours(gpu, monkeypatch):
