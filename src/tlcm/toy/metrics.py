@@ -248,6 +248,8 @@ class ToyMetrics:
 
 
 def precision_recall_from_features(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
+    k = max(1, min(k, len(real) - 1, len(fake) - 1))  # tiny sets: the k-th neighbour must exist
+
     def radii(x):
         d = torch.cdist(x, x)
         return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is its own nearest neighbour
