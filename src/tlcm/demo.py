@@ -59,7 +59,7 @@ class DemoConfig:
 
 
 # Sized for 2 CPU cores: the full demo in about 20 minutes, the quick one in under 5 (the CI smoke test).
-QUICK = dict(records=64, synth_steps=10, mlcd_steps=16, tlcm_steps=8, lcm_steps=16, distill_batch=8,
+QUICK = dict(records=32, synth_steps=8, mlcd_steps=8, tlcm_steps=4, lcm_steps=8, distill_batch=8,
              eval_prompts=32, teacher_ceiling_steps=25, reference_steps=10)
 
 
