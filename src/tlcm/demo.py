@@ -54,6 +54,9 @@ class DemoConfig:
     reference_steps: int = 25
     eval_batch_size: int = 64
     seed: int = 0
+    # torch CPU threads: 1 by default. On a shared machine more threads than free cores made every stage ~50x
+    # slower (OpenMP workers spinning against each other); on an idle one, --threads 2 is at most 2x faster.
+    threads: int | None = 1
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -163,12 +166,16 @@ def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run (or resume) the demo; return the evaluation results. See the module docstring."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise TLCMError(f"--out {out} is a file", "pass a folder (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "demo_config.json"
-    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device")}
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device", "threads")}
     mine = json.loads(json.dumps(mine))  # tuples -> lists, as read back
     if cfg_file.is_file():
         old = json.loads(cfg_file.read_text())
