@@ -22,6 +22,7 @@ def section(results: dict, stages: dict, work: str, quick: bool) -> str:
     from tlcm.evaluate.report import markdown_table
 
     m = results.get("machine", {})
+    stages = {k: v for k, v in stages.items() if "re-run" not in k}  # the first run's timings only
     total = sum(v["seconds"] for v in stages.values())
     timing = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in stages.items())
     return "\n".join([
