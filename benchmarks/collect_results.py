@@ -23,6 +23,15 @@ the date. Re-run a script, then `python benchmarks/collect_results.py`, to refre
 """
 
 
+def _shift_headings(text: str, top_level: int) -> str:
+    """Shift every Markdown heading so the file's highest one sits at ``top_level`` (RESULTS.md keeps one title)."""
+    levels = [len(line) - len(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")]
+    if not levels:
+        return text
+    shift = top_level - min(levels)
+    return "\n".join("#" * shift + line if line.startswith("#") and shift > 0 else line for line in text.splitlines())
+
+
 def collect(results_dir: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> Path:
     files = sorted(results_dir.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else 99, p.stem))
     if not files:
@@ -31,8 +40,7 @@ def collect(results_dir: Path = HERE / "results", out: Path = HERE / "RESULTS.md
     parts = [HEADER.format(toc=toc)]
     for p in files:
         body = p.read_text().strip()
-        # demote the section's own headings one level so RESULTS.md keeps a single top-level title
-        body = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
+        body = _shift_headings(body, top_level=2)
         parts.append(f"<!-- from benchmarks/results/{p.name} -->\n{body}\n")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".RESULTS.md.")
     with os.fdopen(fd, "w") as f:
