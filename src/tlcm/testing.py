@@ -13,16 +13,7 @@ from pathlib import Path
 
 import torch
 
-SD_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+from tlcm.models import STABLE_DIFFUSION_SCHEDULER_CONFIG as SD_SCHEDULER_CONFIG
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -23,7 +23,6 @@ import torch
 from tlcm.data.shards import (
     MANIFEST,
     completed_shard,
-    finalize_manifest,
     new_manifest,
     read_manifest,
     write_manifest,
@@ -118,7 +117,7 @@ def _fingerprint(items: list[tuple[str, str]], root: Path) -> str:
 @torch.no_grad()
 def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
     """Encode an image folder into a dataset folder (resumable, shard by shard); return the folder."""
-    from tlcm.data.synthesize import _dist, _load_teacher, initial_noise, teacher_fingerprint
+    from tlcm.data.synthesize import _dist, _finish, _load_teacher, initial_noise, teacher_fingerprint
     from tlcm.models import encode_prompts, parse_dtype, resolve_device
 
     if config.sample_mode not in ("sample", "mean"):
@@ -219,9 +218,4 @@ def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
             tensors["pooled_prompt_embeds"] = torch.cat(pooled_parts).to(store)
         write_shard(out, k, lo, tensors, records)
     bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finalize_manifest(out, manifest)
-        print(f"{out}: complete, {n} records in {manifest['num_shards']} shards", flush=True)
-    state.wait_for_everyone()
-    return out
+    return _finish(out, manifest, state, n)

@@ -229,6 +229,16 @@ class _SingleProcess:
         pass
 
 
+def _finish(out: Path, manifest: dict, state, n: int) -> Path:
+    """Once every process has written its shards, the main process writes the complete manifest (last)."""
+    state.wait_for_everyone()
+    if state.is_main_process:
+        finalize_manifest(out, manifest)
+        print(f"{out}: complete, {n} records in {manifest['num_shards']} shards", flush=True)
+    state.wait_for_everyone()
+    return out
+
+
 def _dist(device: str | None = None):
     """accelerate's process state when launched with several processes, else a trivial one (so a single-process
     run leaves accelerate's global state alone for a trainer in the same process). Without CUDA (or with
@@ -458,12 +468,7 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
         print(f"{out}: process {state.process_index}/{state.num_processes} generated {todo_records} records "
               f"(shards {todo[0]}..{todo[-1]} step {state.num_processes}) in {elapsed:.1f}s "
               f"({todo_records / max(elapsed, 1e-9):.2f} rec/s)", flush=True)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        finalize_manifest(out, manifest)
-        print(f"{out}: complete, {n} records in {manifest['num_shards']} shards", flush=True)
-    state.wait_for_everyone()
-    return out
+    return _finish(out, manifest, state, n)
 
 
 def _generate_records(pipe, prompts: PromptSet, idx: list[int], gen: dict, latent_shape, size,

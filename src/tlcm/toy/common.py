@@ -17,19 +17,10 @@ import yaml
 from PIL import Image
 
 from tlcm.errors import TLCMError
+from tlcm.models import STABLE_DIFFUSION_SCHEDULER_CONFIG
 
-SD_SCHEDULER_CONFIG = dict(
-    _class_name="DDIMScheduler",
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-)
+SD_SCHEDULER_CONFIG = {**STABLE_DIFFUSION_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler",
+                       "timestep_spacing": "leading"}
 
 TEXT_MAX_LENGTH = 24
 
