@@ -1,8 +1,4 @@
 import pytest
-import torch
-
-# The CI box shares 2 cores among several jobs: one intra-op thread avoids OpenMP oversubscription (30x slower).
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

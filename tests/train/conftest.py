@@ -4,15 +4,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread():
-    # shared 2-core machine: one intra-op thread is ~15x faster than two under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def memory_dataset(num: int = 12, seed: int = 0):
     """A ``dataset_fn(rank, world)`` over fixed random latents and 4 prompts (tiny pipelines: 16x16x4 latents)."""
     g = torch.Generator().manual_seed(seed)
