@@ -19,13 +19,6 @@ def fake_inception(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_sd15_dir(tmp_path_factory):
-    from tlcm.testing import save_tiny_pipeline
-
-    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("pipe") / "sd15")
-
-
 @pytest.fixture()
 def prompt_file(tmp_path):
     p = tmp_path / "prompts.txt"
