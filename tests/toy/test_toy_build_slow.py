@@ -44,3 +44,30 @@ def test_build_runs_every_stage_and_writes_provenance(tmp_path, monkeypatch):
     assert len((work / "assets" / "prompts.txt").read_text().splitlines()) == 2000
     # resuming a finished build redoes nothing but the evaluation
     assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_shipped_teacher_reproduces_its_provenance_metrics(tmp_path, monkeypatch):
+    """Issue 3: the teacher loaded from the installed package scores what PROVENANCE.json says (same prompts, seeds,
+    sampler), so the shipped numbers are the teacher's, not a different build's (about 3 minutes on 2 cores)."""
+    from tlcm.toy import assets_dir, provenance, teacher_path
+    from tlcm.toy.build import evaluate_teacher
+    from tlcm.toy.metrics import ToyMetrics
+
+    monkeypatch.setenv("TLCM_CACHE", str(tmp_path))
+    prov = provenance()
+    cfg, recorded = prov["config"], prov["evaluation"]
+    result = evaluate_teacher(
+        teacher_path(),
+        ToyMetrics.load(assets_dir() / "metrics"),
+        cfg["eval_prompts"],
+        cfg["eval_heldout_prompts"],
+        recorded["steps"],
+        recorded["guidance_scale"],
+        seed=prov["seed"],
+        scheduler=recorded["scheduler"],
+        progress=False,
+    )
+    for split in ("heldin", "heldout"):
+        assert result[split]["alignment"] == pytest.approx(recorded[split]["alignment"], abs=0.01)
+        assert result[split]["toy_fid"] == pytest.approx(recorded[split]["toy_fid"], rel=0.05, abs=1.0)

@@ -23,7 +23,7 @@ def tiny_world(tmp_path_factory):
         lr=2e-3,
         steps=40,
         batch_size=8,
-        crop=16,
+        crop=0,  # whole images, as the build trains (with its foreground-weighted loss)
         eval_images=8,
         checkpoint_every=10,
         warmup_steps=5,
@@ -161,3 +161,16 @@ def test_cli_dataset_and_errors(tmp_path, capsys):
     assert main(["toy", "build", "--work", str(tmp_path / "w"), "--set", "teacher.steps=5", "--dry-run"]) == 0
     assert '"steps": 5' in capsys.readouterr().out
     assert main(["toy", "build", "--work", str(tmp_path / "w"), "--set", "nope=1", "--dry-run"]) == 2
+
+
+def test_vae_foreground_weights_emphasise_the_shape_and_keep_mean_one():
+    x = torch.full((2, 3, 8, 8), -0.8)  # a dark background...
+    x[0, 0, 2:4, 2:4] = 0.9  # ...with a 2x2 red patch in image 0; image 1 is flat
+    w = autoencoder.foreground_weights(x, weight=10.0)
+    assert w.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.ones(2))
+    # image 0: 4 foreground pixels weigh 11x the 60 background ones; normaliser 64 / (60 + 44)
+    assert w[0, 0, 2, 2].item() == pytest.approx(11 * 64 / 104)
+    assert w[0, 0, 0, 0].item() == pytest.approx(64 / 104)
+    torch.testing.assert_close(w[1], torch.ones(1, 8, 8))  # nothing to emphasise: plain pixel loss
+    torch.testing.assert_close(autoencoder.foreground_weights(x, weight=0.0), torch.ones(2, 1, 8, 8))

@@ -56,13 +56,26 @@ def stage_configs(cfg: BuildConfig, work: Path) -> tuple[VAEConfig, TeacherConfi
     return vae_cfg, teacher_cfg, metrics_cfg
 
 
+ASSETS_PATH = "src/tlcm/toy/assets"  # relative to the repository root
+
+
 def git_commit() -> str | None:
+    """HEAD of the source checkout, with ``+dirty`` when tracked files outside the assets differ from it (then the
+    commit alone does not reproduce the build)."""
+    here = Path(__file__).resolve().parent
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)" + ASSETS_PATH],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
+    sha = head.stdout.strip()
+    return (sha + ("+dirty" if status.stdout.strip() else "")) or None
 
 
 def _timed(timings: dict, name: str, work: Path, fn):
@@ -138,12 +151,15 @@ def evaluate_teacher(
         real_a = common.to_tensor(shapes.render_prompts(prompt_list, seed=seed + 1))
         real_b = common.to_tensor(shapes.render_prompts(prompt_list, seed=seed + 2))
         precision, recall = metrics.precision_recall(real_a, gen)
+        recon = _vae_roundtrip(pipe.vae, real_b)
         result[key] = {
             "prompts": n,
             "alignment": round(metrics.alignment(gen, prompt_list), 4),
             "alignment_real": round(metrics.alignment(real_a, prompt_list), 4),
             "toy_fid": round(metrics.toy_fid(gen, real_a), 4),
             "toy_fid_real_vs_real": round(metrics.toy_fid(real_b, real_a), 4),
+            "alignment_vae_roundtrip": round(metrics.alignment(recon, prompt_list), 4),
+            "toy_fid_vae_roundtrip": round(metrics.toy_fid(recon, real_a), 4),
             "precision": round(precision, 4),
             "recall": round(recall, 4),
             "alignment_per_attribute": _per_attribute(metrics, gen, prompt_list),
@@ -153,6 +169,17 @@ def evaluate_teacher(
             common.save_grid(gen[:64], Path(out_dir) / f"samples_{key}.png", nrow=8, scale=3)
             common.atomic_write_text(Path(out_dir) / f"samples_{key}.txt", "\n".join(prompt_list[:64]) + "\n")
     return result
+
+
+@torch.no_grad()
+def _vae_roundtrip(vae, x01: torch.Tensor, batch: int = 100) -> torch.Tensor:
+    """Real images through the teacher's VAE and back: the best any sampler on its latents can score (the floor
+    that matters for a latent model, next to the real-vs-real one)."""
+    out = []
+    for i in range(0, len(x01), batch):
+        x = x01[i : i + batch].to(vae.device, vae.dtype) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).float().cpu())
+    return torch.cat(out).clamp(0, 1)
 
 
 def _per_attribute(metrics: ToyMetrics, images, prompt_list) -> dict:
@@ -286,15 +313,21 @@ def report_markdown(p: dict) -> str:
         "",
         f"## Teacher quality ({ev['scheduler']}, {ev['steps']} steps, guidance {ev['guidance_scale']})",
         "",
-        "| prompts | n | alignment | alignment of real images | toy-FID | toy-FID real vs real | precision | recall |",
-        "|---|---|---|---|---|---|---|---|",
+        "Floors: real images score `alignment of real images` and `toy-FID real vs real`; the same real images "
+        "through the teacher's VAE and back score the `VAE round-trip` columns, the best any sampler on its "
+        "latents can reach.",
+        "",
+        "| prompts | n | alignment | alignment of real images | alignment VAE round-trip | toy-FID | "
+        "toy-FID real vs real | toy-FID VAE round-trip | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in ("heldin", "heldout"):
         if key in ev:
             e = ev[key]
             lines.append(
-                f"| {key} | {e['prompts']} | {e['alignment']} | {e['alignment_real']} | {e['toy_fid']} | "
-                f"{e['toy_fid_real_vs_real']} | {e['precision']} | {e['recall']} |"
+                f"| {key} | {e['prompts']} | {e['alignment']} | {e['alignment_real']} | "
+                f"{e.get('alignment_vae_roundtrip', '-')} | {e['toy_fid']} | {e['toy_fid_real_vs_real']} | "
+                f"{e.get('toy_fid_vae_roundtrip', '-')} | {e['precision']} | {e['recall']} |"
             )
     for key in ("heldin", "heldout"):
         if key in ev:

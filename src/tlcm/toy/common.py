@@ -152,6 +152,31 @@ def load_checkpoint(path: Path, **objects) -> int:
     return int(ckpt["step"])
 
 
+def run_training(step_fn, start: int, steps: int, checkpoint: Path, every: int, desc: str, progress: bool, **state):
+    """The loop every toy trainer shares: call ``step_fn(step) -> loss`` for steps ``start..steps-1`` with a progress
+    bar (mean loss of the last 50 steps), saving ``state`` (modules, optimizers, schedulers) to ``checkpoint`` every
+    ``every`` steps and at the end, so a killed run resumes from its last checkpoint. Returns this run's losses."""
+    from tqdm.auto import tqdm
+
+    history: list[float] = []
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress)
+    for step in bar:
+        history.append(float(step_fn(step)))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            save_checkpoint(checkpoint, step + 1, **state)
+    return history
+
+
+def loss_summary(history: list[float]) -> dict:
+    """Mean loss of the first and last 10 steps of a run (None when it ran no step, e.g. resumed when finished)."""
+    return {
+        "first_loss": float(np.mean(history[:10])) if history else None,
+        "final_loss": float(np.mean(history[-10:])) if history else None,
+    }
+
+
 # --- images ----
 def to_tensor(images) -> torch.Tensor:
     """PIL images, a uint8 ``(N, H, W, 3)`` array, or a float ``(N, 3, H, W)`` tensor in [0, 1] -> float tensor."""

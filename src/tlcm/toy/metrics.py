@@ -94,7 +94,6 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
     """Train the attribute classifier on rendered images; writes ``classifier.safetensors``, ``config.json``,
     ``report.json`` (accuracy per attribute on fresh real images, real-vs-real toy-FID floor). Resumable."""
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     out = Path(out_dir)
     if (out / "report.json").is_file() and (out / "classifier.safetensors").is_file():
@@ -122,10 +121,9 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
     g = torch.Generator().manual_seed(cfg.seed + start)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     y_all = {k: torch.from_numpy(v) for k, v in labels.items()}
-    history = []
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-metrics", disable=not progress)
-    for step in bar:
+
+    def train_step(step: int) -> float:
         idx = torch.from_numpy(rng.integers(0, len(x_all), cfg.batch_size))
         x = _augment(x_all[idx].float() / 255, g)
         logits = model(x)
@@ -134,19 +132,19 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
         loss.backward()
         opt.step()
         sched.step()
-        history.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            common.save_checkpoint(ckpt, step + 1, model=model, opt=opt, sched=sched)
+        return loss.item()
+
+    history = common.run_training(
+        train_step, start, cfg.steps, ckpt, cfg.checkpoint_every, "train-metrics", progress,
+        model=model, opt=opt, sched=sched,
+    )
     model.eval()
     tmp = out / ".classifier.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(out / "classifier.safetensors")
     common.write_json(out / "config.json", model.config)
     metrics = ToyMetrics(model)
-    report = {"train_seconds": round(clock.seconds, 1), "first_loss": float(np.mean(history[:10])) if history else None}
-    report["final_loss"] = float(np.mean(history[-10:])) if history else None
+    report = {"train_seconds": round(clock.seconds, 1), **common.loss_summary(history)}
     report.update(evaluate_classifier(metrics, cfg.eval_images, seed=cfg.seed + 1))
     report["seconds"] = round(clock.seconds, 1)
     common.write_json(out / "report.json", report)
