@@ -42,9 +42,9 @@ class DemoConfig:
     records: int = 512
     synth_steps: int = 25
     guidance: float = 4.0  # diffusers form; the toy presets distil with LCM-form w = 3 (= 4 here)
-    mlcd_steps: int = 150
-    tlcm_steps: int = 75
-    lcm_steps: int = 150
+    mlcd_steps: int = 250
+    tlcm_steps: int = 100
+    lcm_steps: int = 250
     distill_batch: int = 16
     baseline_lcm: bool = True
     eval_prompts: int = 256
