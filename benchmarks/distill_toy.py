@@ -260,8 +260,8 @@ def main() -> int:
         f"{os.cpu_count()} CPU cores visible, torch threads per process {args.threads}, python "
         f"{platform.python_version()}.{' QUICK RUN: pipeline check only, not results.' if args.quick else ''}",
         "",
-        f"Reproduce: `python benchmarks/distill_toy.py --out {args.out}"
-        f"{' --quick' if args.quick else ''}` (stages below, each skipped when already done).",
+        f"Reproduce: `python benchmarks/distill_toy.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` "
+        "(stages below, each skipped when already done).",
         "",
         "## Quality (toy-FID vs data, lower is better / alignment, higher is better)",
         "",

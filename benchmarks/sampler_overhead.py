@@ -14,7 +14,8 @@ The target is TLCMScheduler within 3% of the networks' time and no slower than d
 
     python benchmarks/sampler_overhead.py                       # toy teacher, CPU
     python benchmarks/sampler_overhead.py --model PATH --device cuda --height 1024 --width 1024
-    python benchmarks/sampler_overhead.py --write               # also (re)write benchmarks/results/sampler_overhead.md
+    python benchmarks/sampler_overhead.py --model sd15-random --height 256 --width 256   # SD1.5-size networks, CPU
+    python benchmarks/sampler_overhead.py --write               # also (re)write its section of results/evaluate.md
 """
 
 from __future__ import annotations
@@ -128,9 +129,35 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def random_sd15_pipeline(device):
+    """Full-size SD1.5 networks (UNet, VAE, CLIP ViT-L text encoder from their public configs) with random weights:
+    the real per-step network cost, offline. The tokenizer is our byte-level test tokenizer (77 tokens), which only
+    changes which token ids go in."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from gpu_full_size import CLIP_L, SD15_UNET, VAE, build_unet
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tlcm.models import STABLE_DIFFUSION_SCHEDULER_CONFIG
+    from tlcm.testing import tiny_clip_tokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        unet=build_unet(SD15_UNET, device="cpu"),
+        vae=AutoencoderKL(**VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+        tokenizer=tiny_clip_tokenizer(model_max_length=77),
+        scheduler=DDIMScheduler.from_config(STABLE_DIFFUSION_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe.to(device)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="toy", help="pipeline (default: the toy teacher)")
+    p.add_argument("--model", default="toy",
+                   help="pipeline (default: the toy teacher); sd15-random: full-size SD1.5 networks, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", default="1,16")
     p.add_argument("--steps", default="1,4,8")
@@ -144,7 +171,7 @@ def main(argv=None) -> int:
     from tlcm.models import load_pipeline, resolve_device
 
     device = resolve_device(args.device)
-    pipe = load_pipeline(args.model, device=device)
+    pipe = random_sd15_pipeline(device) if args.model == "sd15-random" else load_pipeline(args.model, device=device)
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:
         for steps in [int(s) for s in args.steps.split(",")]:
@@ -160,8 +187,9 @@ def main(argv=None) -> int:
         machine = f"{platform.platform()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
         if device.type == "cuda":
             machine += f", {torch.cuda.get_device_name(device)}"
-        update_section("sampler_overhead",
-            "## Sampler overhead\n\n"
+        section = "sampler_overhead" if args.model == "toy" else f"sampler_overhead_{args.model}"
+        update_section(section,
+            f"## Sampler overhead ({args.model})\n\n"
             f"Command: `{cmd.strip()}` — model {args.model}, device {device}; {machine}; "
             f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}. Median of {args.repeats} runs after a warm-up, "
             "guidance 1 (no CFG).\n\n"
