@@ -477,14 +477,15 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         sampling = sampling_defaults(spec.lora)
         warmed = False
         for c in todo:
-            pipe.scheduler = make_scheduler(c.scheduler, base_cfg, spec.lora, cfg.timestep_spacing)
+            scheduler = make_scheduler(c.scheduler, base_cfg, spec.lora, cfg.timestep_spacing)
             try:  # e.g. a 4-segment MLCD student walks 1..4 steps only: skip the cell, say why
-                make_scheduler(c.scheduler, base_cfg, spec.lora, cfg.timestep_spacing).set_timesteps(c.steps)
+                scheduler.set_timesteps(c.steps)
             except ValueError as err:
                 note = f"{c.id} skipped: {err}"
                 notices.append(note)
                 log(f"notice: {note}")
                 continue
+            pipe.scheduler = scheduler
             if not warmed:
                 _warm_up(pipe, cfg, c)
                 warmed = True

@@ -100,10 +100,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def reconstruct(vae, x01: torch.Tensor, batch: int = 100) -> torch.Tensor:
+    """Images in [0, 1] through the VAE (posterior mode) and back, on the VAE's device and dtype; float32 CPU out."""
     out = []
     for i in range(0, len(x01), batch):
-        x = x01[i : i + batch] * 2 - 1
-        out.append((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2)
+        x = x01[i : i + batch].to(vae.device, vae.dtype) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).float().cpu())
     return torch.cat(out).clamp(0, 1)
 
 

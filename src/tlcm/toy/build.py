@@ -24,7 +24,7 @@ import torch
 
 from tlcm.errors import TLCMError
 from tlcm.toy import common, shapes
-from tlcm.toy.autoencoder import VAEConfig, train_vae
+from tlcm.toy.autoencoder import VAEConfig, reconstruct, train_vae
 from tlcm.toy.metrics import MetricsConfig, ToyMetrics, train_metrics
 from tlcm.toy.teacher import TeacherConfig, sample_pipeline, train_teacher
 
@@ -151,7 +151,7 @@ def evaluate_teacher(
         real_a = common.to_tensor(shapes.render_prompts(prompt_list, seed=seed + 1))
         real_b = common.to_tensor(shapes.render_prompts(prompt_list, seed=seed + 2))
         precision, recall = metrics.precision_recall(real_a, gen)
-        recon = _vae_roundtrip(pipe.vae, real_b)
+        recon = reconstruct(pipe.vae, real_b)  # the floor for any sampler of these latents
         result[key] = {
             "prompts": n,
             "alignment": round(metrics.alignment(gen, prompt_list), 4),
@@ -169,17 +169,6 @@ def evaluate_teacher(
             common.save_grid(gen[:64], Path(out_dir) / f"samples_{key}.png", nrow=8, scale=3)
             common.atomic_write_text(Path(out_dir) / f"samples_{key}.txt", "\n".join(prompt_list[:64]) + "\n")
     return result
-
-
-@torch.no_grad()
-def _vae_roundtrip(vae, x01: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    """Real images through the teacher's VAE and back: the best any sampler on its latents can score (the floor
-    that matters for a latent model, next to the real-vs-real one)."""
-    out = []
-    for i in range(0, len(x01), batch):
-        x = x01[i : i + batch].to(vae.device, vae.dtype) * 2 - 1
-        out.append(((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).float().cpu())
-    return torch.cat(out).clamp(0, 1)
 
 
 def _per_attribute(metrics: ToyMetrics, images, prompt_list) -> dict:
