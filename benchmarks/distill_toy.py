@@ -228,6 +228,7 @@ def main() -> int:
           None if None in (t4, ref_fid) else t4 <= 1.3 * ref_fid)
 
     # measured metrics into each student's model card
+    from tlcm.evaluate.report import write_text
     from tlcm.train.config import resolve_config
     from tlcm.train.export import model_card
 
@@ -240,7 +241,7 @@ def main() -> int:
                    for (m, s), v in sorted(look.items()) if m == name and None not in v}
         if metrics:
             card = model_card(resolve_config(config_file=str(run / "config.yaml")), summary_of(run), metrics)
-            (run / "README.md").write_text(card)
+            write_text(run / "README.md", card)
 
     costs = ["| stage | wall time (s) | peak memory (MiB) | notes |", "|---|---|---|---|"]
     for e in log:
@@ -291,7 +292,7 @@ def main() -> int:
     print(text)
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
+        write_text(RESULTS, text)
     return 0
 
 

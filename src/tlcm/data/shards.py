@@ -63,8 +63,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part (the
+    project's one atomic writer; creates missing parent folders)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -19,8 +19,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +31,9 @@ LOWER_IS_BETTER = ("fid", "toy_fid")
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from tlcm.data.shards import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tlcm.errors import TLCMError
+from tlcm.toy.common import atomic_write_text
 
 RESOLUTION = 32
 SUPERSAMPLE = 4
@@ -324,8 +325,8 @@ def export_imagefolder(out_dir: str | os.PathLike, n: int, seed: int = 0, n_held
             if not (d / name).exists():
                 _atomic_save_image(img, d / name)
             rows.append({"file_name": name, "text": text, **attrs})
-        _atomic_write_text(meta_path, "".join(json.dumps(r) + "\n" for r in rows))
-        _atomic_write_text(
+        atomic_write_text(meta_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(
             d.parent / "dataset_info.json",
             json.dumps({"generator": "tlcm.toy.shapes", "seed": seed, "train": n, "test": n_heldout}, indent=1),
         )
@@ -341,14 +342,6 @@ def _atomic_save_image(img: Image.Image, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_imagefolder(path: str | os.PathLike, split: str | None = None) -> list[tuple[Path, str]]:
