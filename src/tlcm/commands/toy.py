@@ -39,8 +39,9 @@ def _parse_set(items: list[str]) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="toy_command", metavar="STEP")
 
-    p = sub.add_parser("dataset", help="write the procedural shapes dataset as an HF imagefolder")
+    p = sub.add_parser("dataset", help="write a toy world's procedural dataset as an HF imagefolder")
     p.add_argument("--out", required=True, help="output folder (train/ and test/ with metadata.jsonl)")
+    p.add_argument("--world", help="v4 (scenes, default) or v3 (shapes)")
     p.add_argument("--n", type=int, default=20000, help="training-split images (default 20000)")
     p.add_argument("--heldout", type=int, default=1000, help="held-out-combination images, in test/ (default 1000)")
     p.add_argument("--seed", type=int, default=0)
@@ -57,13 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (pipeline/ is a StableDiffusionPipeline folder)")
     _common_train_args(p)
 
-    p = sub.add_parser("train-metrics", help="train the attribute classifier behind toy-FID and alignment")
+    p = sub.add_parser("train-metrics", help="train the classifier behind toy-FID and alignment")
     p.add_argument("--out", required=True, help="output folder (classifier.safetensors, config.json, report.json)")
+    p.add_argument("--world", help="v4 (scenes, default) or v3 (shapes)")
     _common_train_args(p)
 
     p = sub.add_parser("evaluate", help="alignment and toy-FID of a teacher pipeline folder")
-    p.add_argument("--teacher", help="pipeline folder (default: the shipped toy teacher)")
-    p.add_argument("--metrics", help="classifier folder (default: the shipped one)")
+    p.add_argument("--teacher", help="pipeline folder (default: the shipped toy teacher of --world)")
+    p.add_argument("--metrics", help="classifier folder (default: the shipped one of the teacher's world)")
+    p.add_argument("--world", help="v4 (scenes, default) or v3 (shapes): the shipped teacher to evaluate")
     p.add_argument("--prompts", type=int, default=500, help="held-in prompts (default 500)")
     p.add_argument("--heldout-prompts", type=int, default=200, dest="heldout_prompts")
     p.add_argument("--steps", type=int, default=50)
@@ -80,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set teacher.steps=2000")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--world", help="v4 (scenes, default) or v3 (shapes; rebuilds the v3 assets)")
     p.add_argument("--ship", help="also copy the exported assets to this folder (src/tlcm/toy/assets to ship them)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
     p.add_argument("--no-progress", action="store_true")
@@ -102,11 +106,11 @@ def run(args) -> int:
         raise TLCMError("no toy step given", "run `tlcm toy build --work DIR`, or see `tlcm toy --help`")
     progress = not getattr(args, "no_progress", False)
     if cmd == "dataset":
-        from tlcm.toy.shapes import export_imagefolder
+        from tlcm.toy.worlds import export_imagefolder
 
         if args.n < 1:
             raise TLCMError(f"--n {args.n} is too small", "ask for at least one image")
-        out = export_imagefolder(args.out, args.n, args.seed, args.heldout, progress=progress)
+        out = export_imagefolder(args.world, args.out, args.n, args.seed, args.heldout, progress=progress)
         print(f"wrote {args.n} training and {args.heldout} held-out images to {out}")
         return 0
     if cmd == "train-vae":
@@ -122,32 +126,47 @@ def run(args) -> int:
         _print(train_teacher(cfg, args.out, progress))
         return 0
     if cmd == "train-metrics":
-        from tlcm.toy.metrics import MetricsConfig, train_metrics
+        from tlcm.toy.worlds import world_version
 
-        cfg = common.load_config(MetricsConfig, args.config, _overrides(args))
-        _print(train_metrics(cfg, args.out, progress))
+        if world_version(args.world) == "v3":
+            from tlcm.toy.metrics import MetricsConfig, train_metrics
+
+            cfg = common.load_config(MetricsConfig, args.config, _overrides(args))
+            _print(train_metrics(cfg, args.out, progress))
+        else:
+            from tlcm.toy.scene_metrics import SceneMetricsConfig, train_scene_metrics
+
+            cfg = common.load_config(SceneMetricsConfig, args.config, _overrides(args))
+            _print(train_scene_metrics(cfg, args.out, progress))
         return 0
     if cmd == "evaluate":
-        from tlcm.toy import teacher_path
+        from tlcm.toy import teacher_path, world_of_model
         from tlcm.toy.build import evaluate_teacher
         from tlcm.toy.metrics import ToyMetrics
 
         common.set_threads(args.threads)
-        teacher = Path(args.teacher) if args.teacher else teacher_path()
+        teacher = Path(args.teacher) if args.teacher else teacher_path(world=args.world)
         if not (teacher / "model_index.json").is_file():
             raise TLCMError(f"{teacher} is not a diffusers pipeline folder", "pass a folder with model_index.json")
-        result = evaluate_teacher(
-            teacher,
-            ToyMetrics.load(args.metrics),
-            args.prompts,
-            args.heldout_prompts,
-            args.steps,
-            args.guidance_scale,
-            seed=args.seed,
-            scheduler=args.scheduler,
-            out_dir=args.out,
-            progress=progress,
-        )
+        world = world_of_model(teacher)
+        metrics = ToyMetrics.load(args.metrics, world=world)
+        if metrics.world != world:
+            raise TLCMError(f"the metrics in {args.metrics} measure toy world {metrics.world}, the teacher is {world}",
+                            "pass the metrics folder of the teacher's world (or none: the shipped one)")
+        if world == "v3":
+            result = evaluate_teacher(teacher, metrics, args.prompts, args.heldout_prompts, args.steps,
+                                      args.guidance_scale, seed=args.seed, scheduler=args.scheduler,
+                                      out_dir=args.out, progress=progress)
+        else:
+            from diffusers import DiffusionPipeline
+
+            from tlcm.toy.acceptance import evaluate_scenes_teacher
+
+            pipe = DiffusionPipeline.from_pretrained(str(teacher))
+            pipe.set_progress_bar_config(disable=True)
+            result = evaluate_scenes_teacher(pipe, metrics, args.prompts, args.heldout_prompts, args.steps,
+                                             args.guidance_scale, seed=args.seed, out_dir=args.out,
+                                             progress=progress)
         if args.out:
             common.write_json(Path(args.out) / "evaluation.json", result)
         _print(result)
@@ -156,7 +175,7 @@ def run(args) -> int:
         from tlcm.toy.build import build, load_build_config, stage_configs
 
         overrides = _parse_set(args.set)
-        for k in ("seed", "threads"):
+        for k in ("seed", "threads", "world"):
             if getattr(args, k) is not None:
                 overrides[k] = getattr(args, k)
         cfg = load_build_config(args.config, overrides)

@@ -20,30 +20,57 @@ import torch
 
 from tlcm.errors import TLCMError
 
-__all__ = ["assets_dir", "default_prompts_path", "load_teacher", "teacher_path", "provenance"]
+__all__ = ["assets_dir", "default_prompts_path", "load_teacher", "teacher_path", "provenance", "world_of_model"]
+
+TEACHER_NAMES = {"toy": None, "toy-v3": "v3", "toy-v4": "v4"}  # None: the default world
+MARKER = "tlcm_toy.json"  # written into every toy pipeline folder: which world it belongs to
 
 
-def assets_dir() -> Path:
-    """The folder of shipped toy assets (``teacher/``, ``metrics/``, ``prompts.txt``, ``PROVENANCE.json``)."""
-    return Path(__file__).resolve().parent / "assets"
+def assets_dir(world: str | None = None) -> Path:
+    """The shipped assets of a toy world (``teacher/``, ``metrics/``, ``prompts.txt``, ``PROVENANCE.json``);
+    ``world`` is ``"v3"``, ``"v4"`` (or ``"shapes"``, ``"scenes"``), default: the default world."""
+    from tlcm.toy.worlds import world_version
+
+    return Path(__file__).resolve().parent / "assets" / world_version(world)
 
 
-def default_prompts_path() -> Path:
-    """A text file of 2000 training-split captions, one per line (the default prompt set for synthesis)."""
-    path = assets_dir() / "prompts.txt"
+def default_prompts_path(world: str | None = None) -> Path:
+    """A text file of 2000 training-split captions of ``world``, one per line (the default prompts for synthesis)."""
+    path = assets_dir(world) / "prompts.txt"
     if not path.is_file():
         raise TLCMError(f"the shipped toy prompt file {path} is missing", "reinstall tlcm, or run `tlcm toy build`")
     return path
 
 
-def provenance() -> dict:
+def provenance(world: str | None = None) -> dict:
     """The shipped assets' provenance: command, seed, git commit, timings and measured metrics."""
     import json
 
-    path = assets_dir() / "PROVENANCE.json"
+    path = assets_dir(world) / "PROVENANCE.json"
     if not path.is_file():
         raise TLCMError(f"no provenance file at {path}", "reinstall tlcm")
     return json.loads(path.read_text())
+
+
+def is_toy_name(model) -> bool:
+    return isinstance(model, str) and model in TEACHER_NAMES
+
+
+def world_of_model(model) -> str:
+    """The toy world of a model: a toy name (``toy``, ``toy-v3``, ``toy-v4``) or a toy pipeline folder (its
+    ``tlcm_toy.json``). Anything else is an error: the toy metrics only measure toy teachers."""
+    import json
+
+    from tlcm.toy.worlds import world_version
+
+    if model is None or is_toy_name(model):
+        return world_version(TEACHER_NAMES.get(model))
+    marker = Path(str(model)) / MARKER
+    if marker.is_file():
+        return world_version(json.loads(marker.read_text()).get("world"))
+    if (Path(str(model)) / "model_index.json").is_file():
+        return "v3"  # toy pipeline folders written before v4 carry no marker, and were all v3
+    raise TLCMError(f"{model!r} is not a toy teacher", "the toy metrics apply to 'toy', 'toy-v3' or a toy pipeline")
 
 
 def _cache_root() -> Path:
@@ -54,26 +81,34 @@ def _cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "tlcm"
 
 
-def teacher_path(assets: str | os.PathLike | None = None) -> Path:
+def teacher_path(assets: str | os.PathLike | None = None, world: str | None = None) -> Path:
     """A folder that ``DiffusionPipeline.from_pretrained`` loads as the complete toy ``StableDiffusionPipeline``.
 
     Built on first call (atomically: temporary folder, then rename) in ``$TLCM_CACHE`` (default ``~/.cache/tlcm``)
     as ``toy-teacher-<version>-<digest of the assets>``: the shipped fp16 UNet and VAE written back in float32, the
-    scheduler, tokenizer and ``model_index.json``, and ``text_encoder/`` linked from the MiniLM package.
-    ``assets`` overrides the shipped teacher folder (one written by ``tlcm toy build``).
+    scheduler, tokenizer and ``model_index.json``, ``text_encoder/`` linked from the MiniLM package, and
+    ``tlcm_toy.json`` naming the world. ``world`` picks the shipped teacher (default: the default world);
+    ``assets`` overrides the teacher folder (one written by ``tlcm toy build``).
     """
+    import json
+
     from tlcm import __version__
     from tlcm.toy import common
+    from tlcm.toy.worlds import world_version
 
-    src = Path(assets) if assets is not None else assets_dir() / "teacher"
+    src = Path(assets) if assets is not None else assets_dir(world) / "teacher"
     needed = [src / "unet" / "config.json", src / "vae" / "config.json", src / "model_index.json"]
     if not all(p.is_file() for p in needed):
         raise TLCMError(
             f"no toy teacher in {src}", "reinstall tlcm (the teacher ships with it) or run `tlcm toy build`"
         )
+    marker = json.loads((src / MARKER).read_text()) if (src / MARKER).is_file() else {"world": "v3"}
+    if assets is None:
+        marker["world"] = world_version(world)
     digest = common.file_digest(p for p in src.rglob("*") if p.is_file())
     out = _cache_root() / f"toy-teacher-{__version__}-{digest}"
-    if (out / "model_index.json").is_file() and (out / "text_encoder" / "model.safetensors").exists():
+    if (out / "model_index.json").is_file() and (out / "text_encoder" / "model.safetensors").exists() and \
+            (out / MARKER).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -85,11 +120,15 @@ def teacher_path(assets: str | os.PathLike | None = None) -> Path:
             tokenizer_dir=src / "tokenizer",
             scheduler_config=_read_json(src / "scheduler" / "scheduler_config.json"),
         )
-        try:
-            os.replace(tmp / "pipeline", out)
-        except OSError:
-            if not (out / "model_index.json").is_file():  # another process won the race: keep theirs
-                raise
+        common.write_json(tmp / "pipeline" / MARKER, marker)
+        if out.exists() and not (out / MARKER).is_file():  # a folder cached by an older tlcm: replace it
+            common.replace_dir(tmp / "pipeline", out)
+        else:
+            try:
+                os.replace(tmp / "pipeline", out)
+            except OSError:
+                if not (out / "model_index.json").is_file():  # another process won the race: keep theirs
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -101,10 +140,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_teacher(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The shipped toy teacher as a diffusers ``StableDiffusionPipeline`` on ``device`` in ``dtype``."""
+def load_teacher(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, world: str | None = None):
+    """The shipped toy teacher of ``world`` as a diffusers ``StableDiffusionPipeline`` on ``device`` in ``dtype``."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(teacher_path()), torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(str(teacher_path(world=world)), torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -26,11 +26,14 @@ from tlcm.errors import TLCMError
 from tlcm.toy import common, shapes
 from tlcm.toy.autoencoder import VAEConfig, reconstruct, train_vae
 from tlcm.toy.metrics import MetricsConfig, ToyMetrics, train_metrics
+from tlcm.toy.scene_metrics import SceneMetricsConfig, train_scene_metrics
 from tlcm.toy.teacher import TeacherConfig, sample_pipeline, train_teacher
+from tlcm.toy.worlds import export_imagefolder, get_world, world_version
 
 
 @dataclass
 class BuildConfig:
+    world: str = "v4"  # v4 (scenes, the default) or v3 (shapes, kept buildable: `--set world=v3`)
     seed: int = 0
     images: int = 20000  # training-split images of the dataset
     heldout_images: int = 1000  # held-out-combination images (exported as the imagefolder's "test" split)
@@ -39,20 +42,42 @@ class BuildConfig:
     eval_heldout_prompts: int = 100
     eval_steps: int = 50
     guidance_scale: float = 5.0
+    baseline_prompts: int = 500  # v4: prompts of the "distillation matters" table (0: skip it)
     prompt_file_lines: int = 2000
     vae: dict = field(default_factory=dict)  # overrides of VAEConfig
     teacher: dict = field(default_factory=dict)  # overrides of TeacherConfig
-    metrics: dict = field(default_factory=dict)  # overrides of MetricsConfig
+    metrics: dict = field(default_factory=dict)  # overrides of MetricsConfig (v3) / SceneMetricsConfig (v4)
 
 
-def stage_configs(cfg: BuildConfig, work: Path) -> tuple[VAEConfig, TeacherConfig, MetricsConfig]:
+# What each world changes in the stage configs' defaults (a build's own vae/teacher/metrics sections override these).
+# v3 is exactly the build that produced the shipped v3 assets.
+WORLD_STAGE_DEFAULTS = {
+    "v3": {"vae": {}, "teacher": {}, "metrics": {}},
+    "v4": {
+        "vae": {"resolution": 48, "crop": 32},
+        "teacher": {"resolution": 48, "block_out_channels": (32, 64, 64), "max_length": 40, "world": "v4",
+                    "steps": 5000},
+        "metrics": {},
+    },
+}
+
+
+def stage_configs(cfg: BuildConfig, work: Path):
+    """The VAE, teacher and metrics configs of a build: world defaults, then the build's own sections."""
+    from tlcm.toy.worlds import world_version
+
+    world = world_version(cfg.world)
+    defaults = WORLD_STAGE_DEFAULTS[world]
     data = str(work / "dataset")
-    vae_cfg = common.config_from_dict(VAEConfig, {"data": data, "seed": cfg.seed, "threads": cfg.threads, **cfg.vae})
+    vae_cfg = common.config_from_dict(
+        VAEConfig, {"data": data, "seed": cfg.seed, "threads": cfg.threads, **defaults["vae"], **cfg.vae})
     teacher_cfg = common.config_from_dict(
         TeacherConfig,
-        {"data": data, "vae": str(work / "vae" / "vae"), "seed": cfg.seed, "threads": cfg.threads, **cfg.teacher},
+        {"data": data, "vae": str(work / "vae" / "vae"), "seed": cfg.seed, "threads": cfg.threads,
+         **defaults["teacher"], **cfg.teacher},
     )
-    metrics_cfg = common.config_from_dict(MetricsConfig, {"threads": cfg.threads, **cfg.metrics})
+    metrics_cls = SceneMetricsConfig if world == "v4" else MetricsConfig
+    metrics_cfg = common.config_from_dict(metrics_cls, {"threads": cfg.threads, **defaults["metrics"], **cfg.metrics})
     return vae_cfg, teacher_cfg, metrics_cfg
 
 
@@ -112,7 +137,8 @@ def export_assets(work: Path, dest: Path, cfg: BuildConfig) -> Path:
             tmp / "metrics" / "classifier.safetensors",
         )
         shutil.copyfile(work / "metrics" / "config.json", tmp / "metrics" / "config.json")
-        lines = shapes.prompts(cfg.prompt_file_lines, seed=cfg.seed + 7, split="train")
+        lines = get_world(cfg.world).prompts(cfg.prompt_file_lines, seed=cfg.seed + 7, split="train")
+        common.write_json(teacher / "tlcm_toy.json", {"world": world_version(cfg.world)})
         (tmp / "prompts.txt").write_text("\n".join(lines) + "\n")
         common.replace_dir(tmp, dest)
     finally:
@@ -199,7 +225,7 @@ def build(
 
     def dataset():
         if not (work / "dataset" / "train" / "metadata.jsonl").is_file():
-            shapes.export_imagefolder(work / "dataset", cfg.images, cfg.seed, cfg.heldout_images, progress=progress)
+            export_imagefolder(cfg.world, work / "dataset", cfg.images, cfg.seed, cfg.heldout_images, progress=progress)
 
     _timed(timings, "dataset", work, dataset)
     vae_report = _timed(timings, "train_vae", work, lambda: train_vae(vae_cfg, work / "vae", progress))
@@ -207,31 +233,40 @@ def build(
         timings, "train_teacher", work, lambda: train_teacher(teacher_cfg, work / "teacher", progress)
     )
     metrics_report = _timed(
-        timings, "train_metrics", work, lambda: train_metrics(metrics_cfg, work / "metrics", progress)
+        timings, "train_metrics", work,
+        lambda: (train_scene_metrics if isinstance(metrics_cfg, SceneMetricsConfig) else train_metrics)(
+            metrics_cfg, work / "metrics", progress),
     )
     assets = work / "assets"
     _timed(timings, "export", work, lambda: export_assets(work, assets, cfg))
 
     def evaluate():
+        from diffusers import DiffusionPipeline
+
         from tlcm.toy import teacher_path
 
         path = teacher_path(assets / "teacher")
         metrics = ToyMetrics.load(assets / "metrics")
-        return evaluate_teacher(
-            path,
-            metrics,
-            cfg.eval_prompts,
-            cfg.eval_heldout_prompts,
-            cfg.eval_steps,
-            cfg.guidance_scale,
-            seed=cfg.seed,
-            out_dir=work / "eval",
-            progress=progress,
-        )
+        if world_version(cfg.world) == "v3":
+            return evaluate_teacher(path, metrics, cfg.eval_prompts, cfg.eval_heldout_prompts, cfg.eval_steps,
+                                    cfg.guidance_scale, seed=cfg.seed, out_dir=work / "eval", progress=progress)
+        from tlcm.toy.acceptance import check_bars, distillation_matters, evaluate_scenes_teacher
+
+        pipe = DiffusionPipeline.from_pretrained(str(path))
+        pipe.set_progress_bar_config(disable=True)
+        result = evaluate_scenes_teacher(pipe, metrics, cfg.eval_prompts, cfg.eval_heldout_prompts, cfg.eval_steps,
+                                         cfg.guidance_scale, seed=cfg.seed, out_dir=work / "eval", progress=progress)
+        if cfg.baseline_prompts:
+            result["distillation_matters"] = distillation_matters(
+                pipe, metrics, cfg.baseline_prompts, cfg.guidance_scale, seed=cfg.seed, out_dir=work / "eval",
+                progress=progress)
+        result["bars"] = check_bars(result)
+        return result
 
     evaluation = _timed(timings, "evaluate", work, evaluate)
-    shutil.copyfile(work / "eval" / "samples_heldin.png", assets / "samples_heldin.png")
-    shutil.copyfile(work / "eval" / "samples_heldin.txt", assets / "samples_heldin.txt")
+    for name in ("samples_heldin.png", "samples_heldin.txt", "one_step_vs_reference.png", "one_step_vs_reference.txt"):
+        if (work / "eval" / name).is_file():
+            shutil.copyfile(work / "eval" / name, assets / name)
     timings["total_this_run"] = round(time.perf_counter() - t_all, 1)
     timings["total_stages"] = round(sum(v for k, v in timings.items() if not k.startswith("total")), 1)
     common.write_json(work / "timings.json", timings)
@@ -294,9 +329,7 @@ def report_markdown(p: dict) -> str:
         f"{p['vae']['eval_images']} images, scaling_factor {p['vae']['scaling_factor']:.4f}",
         f"- teacher UNet: {p['teacher']['parameters']:,} parameters, {p['teacher']['steps']} steps, "
         f"loss {p['teacher']['first_loss']:.4f} -> {p['teacher']['final_loss']:.4f}",
-        f"- classifier accuracy on fresh real images: held-in combinations {p['classifier']['accuracy_train_mean']}, "
-        f"held-out combinations {p['classifier']['accuracy_heldout_mean']} "
-        f"(per attribute: {p['classifier']['accuracy_train']})",
+        *_classifier_lines(p["classifier"]),
         f"- toy-FID floor (real vs real, {p['classifier'].get('toy_fid_real_vs_real')}) vs real vs noise "
         f"({p['classifier'].get('toy_fid_real_vs_noise')})",
         "",
@@ -320,8 +353,40 @@ def report_markdown(p: dict) -> str:
             )
     for key in ("heldin", "heldout"):
         if key in ev:
-            lines.append(f"\n{key} alignment per attribute: {ev[key]['alignment_per_attribute']}")
+            per = ev[key].get("alignment_per_attribute") or ev[key].get("alignment_per_claim")
+            kind = "attribute" if "alignment_per_attribute" in ev[key] else "claim kind"
+            lines.append(f"\n{key} alignment per {kind}: {per}")
+    if "diversity" in ev:
+        d = ev["diversity"]
+        lines += ["", f"Per-prompt diversity (mean pairwise feature distance among {d['seeds']} seeds of each of "
+                  f"{d['prompts']} prompts): teacher {d['teacher']}, real images {d['real']} (ratio {d['ratio']})."]
+    dm = ev.get("distillation_matters")
+    if dm:
+        lines += ["", f"## Distillation matters ({dm['prompts']} prompts; toy-FID against the teacher's "
+                  f"{dm['reference']})",
+                  "", "Every training-free sampler of the undistilled teacher (NFE counts both CFG branches):", "",
+                  "| sampler | steps | guidance | NFE | toy-FID vs teacher | alignment |", "|---|---|---|---|---|---|"]
+        for r in dm["rows"]:
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r['toy_fid_teacher']} | "
+                         f"{r['alignment']} |")
+        c = dm["ceiling"]
+        lines += ["", f"Best per step count vs DPM-Solver++ at {c['steps']} steps ({c['toy_fid_teacher']}): "
+                  + ", ".join(f"{k}: {v}x" for k, v in dm["ratios"].items())
+                  + ". One-step samples next to the reference: `one_step_vs_reference.png`."]
+    if "bars" in ev:
+        lines += ["", "## Acceptance bars", "", "| bar | value | threshold | met |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b['value']} | {b['threshold']} | {'yes' if b['met'] else 'NO'} |"
+                  for k, b in ev["bars"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _classifier_lines(c: dict) -> list[str]:
+    if "accuracy_train_mean" in c:  # v3: one head per attribute
+        return [f"- classifier accuracy on fresh real images: held-in combinations {c['accuracy_train_mean']}, "
+                f"held-out combinations {c['accuracy_heldout_mean']} (per attribute: {c['accuracy_train']})"]
+    return [f"- classifier on fresh real scenes: scene heads {c['accuracy_train']} (held-out split "
+            f"{c['accuracy_heldout']}); query verifier accuracy {c['verifier_accuracy_train']} / "
+            f"{c['verifier_accuracy_heldout']}; caption claims confirmed {c['claims_train']} / {c['claims_heldout']}"]
 
 
 def load_build_config(path: str | None, overrides: dict) -> BuildConfig:

@@ -68,6 +68,19 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:
+    """Save a PIL image as PNG through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_pretrained_atomic(model, out_dir: str | os.PathLike, **kwargs) -> Path:
     """``model.save_pretrained`` into a temporary sibling folder, then rename over ``out_dir``."""
     out = Path(out_dir)

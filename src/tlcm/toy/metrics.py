@@ -173,21 +173,34 @@ def evaluate_classifier(metrics: ToyMetrics, n: int = 2000, seed: int = 1001) ->
 
 
 class ToyMetrics:
-    """The toy world's FID / alignment / precision-recall, all from one attribute classifier."""
+    """A toy world's FID / alignment / precision-recall, all from its metrics classifier.
 
-    def __init__(self, model: AttributeClassifier, batch_size: int = 500):
-        self.model = model.eval().requires_grad_(False)
+    Serves both worlds: v3 (``shapes``, :class:`AttributeClassifier`: alignment = fraction of the five attributes read
+    back) and v4 (``scenes``, :class:`tlcm.toy.scene_metrics.SceneClassifier`: alignment = fraction of the caption's
+    claims confirmed). ``world`` says which; images are resized to the world's resolution.
+    """
+
+    def __init__(self, model, batch_size: int = 500):
+        from tlcm.toy.scene_metrics import SceneMetricsModel
+
+        if isinstance(model, SceneMetricsModel):
+            self.scene, self.model = model, model.model
+            self.world, self.resolution = "v4", model.resolution
+        else:
+            self.scene, self.model = None, model.eval().requires_grad_(False)
+            self.world, self.resolution = "v3", shapes.RESOLUTION
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> ToyMetrics:
-        """Load a classifier folder (``config.json`` + ``classifier.safetensors``); default: the shipped one."""
+    def load(cls, path: str | Path | None = None, world: str | None = None) -> ToyMetrics:
+        """Load a classifier folder (``config.json`` + ``classifier.safetensors``); default: the shipped one of
+        ``world`` (default: the default world)."""
         from safetensors.torch import load_file
 
         if path is None:
             from tlcm.toy import assets_dir
 
-            path = assets_dir() / "metrics"
+            path = assets_dir(world) / "metrics"
         folder = Path(path)
         if not (folder / "classifier.safetensors").is_file() or not (folder / "config.json").is_file():
             raise TLCMError(
@@ -195,17 +208,29 @@ class ToyMetrics:
                 "train one with `tlcm toy train-metrics --out DIR` and pass DIR, or reinstall tlcm for the shipped one",
             )
         cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("world") == "v4":
+            from tlcm.toy.scene_metrics import SceneMetricsModel
+
+            return cls(SceneMetricsModel.from_folder(folder, cfg))
         model = AttributeClassifier(cfg["width"], cfg["feature_dim"], cfg["classes"])
         state = {k: v.float() for k, v in load_file(str(folder / "classifier.safetensors")).items()}
         model.load_state_dict(state)
         return cls(model)
 
+    @classmethod
+    def for_model(cls, model: str | Path | None) -> ToyMetrics:
+        """The shipped metrics of the world a toy teacher belongs to: ``"toy"``, ``"toy-v3"``, or a pipeline folder
+        assembled by :func:`tlcm.toy.teacher_path` / ``tlcm toy build`` (its ``tlcm_toy.json`` names the world)."""
+        from tlcm.toy import world_of_model
+
+        return cls.load(world=world_of_model(model))
+
     def _batches(self, images):
         x = common.to_tensor(images)
         if x.ndim != 4 or x.shape[1] != 3:
             raise TLCMError(f"toy metrics need images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] != shapes.RESOLUTION or x.shape[-2] != shapes.RESOLUTION:
-            x = F.interpolate(x, size=(shapes.RESOLUTION,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
         for i in range(0, len(x), self.batch_size):
             yield x[i : i + self.batch_size].clamp(0, 1)
 
@@ -216,25 +241,48 @@ class ToyMetrics:
 
     @torch.no_grad()
     def predict(self, images) -> dict[str, torch.Tensor]:
-        """Attribute name -> predicted class index ``(B,)`` (names in ``tlcm.toy.shapes.CLASSES``)."""
+        """Attribute name -> predicted class index ``(B,)``: the five attributes (v3, names in
+        ``tlcm.toy.shapes.CLASSES``) or count, background and style (v4)."""
+        if self.scene is not None:
+            preds = [self.scene.predict(x) for x in self._batches(images)]
+            return {k: torch.cat([p[k] for p in preds]) for k in preds[0]}
         outs = [self.model(x) for x in self._batches(images)]
         return {k: torch.cat([o[k] for o in outs]).argmax(1) for k in self.model.classes}
 
-    def alignment_per_image(self, images, prompts: list[str]) -> torch.Tensor:
-        pred = self.predict(images)
-        n = len(next(iter(pred.values())))
-        if len(prompts) != n:
-            raise TLCMError(f"{n} images but {len(prompts)} prompts", "pass one prompt per image")
-        scores = []
+    def claim_hits(self, images, prompts: list[str]) -> list[dict[str, list[bool]]]:
+        """Per image, the prompt's claims the classifier confirms, grouped by kind (v4 claim kinds; v3 attributes)."""
+        x = torch.cat(list(self._batches(images)))
+        if len(prompts) != len(x):
+            raise TLCMError(f"{len(x)} images but {len(prompts)} prompts", "pass one prompt per image")
+        if self.scene is not None:
+            return self.scene.claim_hits(x, list(prompts))
+        pred = self.predict(x)
+        out = []
         for i, p in enumerate(prompts):
             attrs = shapes.attributes_from_prompt(p)
-            hits = [shapes.CLASSES[k][int(pred[k][i])] == v for k, v in attrs.items()]
-            scores.append(float(np.mean(hits)))
+            out.append({k: [shapes.CLASSES[k][int(pred[k][i])] == v] for k, v in attrs.items()})
+        return out
+
+    def alignment_per_image(self, images, prompts: list[str]) -> torch.Tensor:
+        scores = []
+        for hits in self.claim_hits(images, prompts):
+            flat = [h for v in hits.values() for h in v]
+            scores.append(float(np.mean(flat)) if flat else 1.0)  # a prompt that claims nothing is never wrong
         return torch.tensor(scores)
 
     def alignment(self, images, prompts: list[str]) -> float:
-        """Mean fraction of the attributes named by each prompt that the classifier reads back from its image."""
+        """Mean fraction of the claims each prompt makes (v3: the attributes it names) that the classifier confirms
+        on the image generated for it."""
         return float(self.alignment_per_image(images, prompts).mean())
+
+    def alignment_per_attribute(self, images, prompts: list[str]) -> dict[str, float]:
+        """Fraction of confirmed claims of each kind over all images (v3: per attribute; v4: object, count,
+        background, style)."""
+        pooled: dict[str, list[bool]] = {}
+        for hits in self.claim_hits(images, prompts):
+            for k, v in hits.items():
+                pooled.setdefault(k, []).extend(v)
+        return {k: round(float(np.mean(v)), 4) for k, v in pooled.items() if v}
 
     def toy_fid(self, images_a, images_b) -> float:
         """Frechet distance between the classifier-feature Gaussians of two image sets."""

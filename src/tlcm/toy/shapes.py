@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,9 +23,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tlcm.errors import TLCMError
-from tlcm.toy.common import atomic_write_text
 
+NAME = "shapes"
+VERSION = "v3"
 RESOLUTION = 32
+TEXT_MAX_LENGTH = 24
 SUPERSAMPLE = 4
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -296,52 +297,18 @@ _TEXT_COLUMNS = ("text", "caption", "prompt")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def record_metadata(attrs: dict) -> dict:
+    """The columns a record adds to an imagefolder's ``metadata.jsonl``: its five attributes."""
+    return dict(attrs)
+
+
 def export_imagefolder(out_dir: str | os.PathLike, n: int, seed: int = 0, n_heldout: int = 0, progress: bool = False):
-    """Write ``n`` training-split records to ``out_dir/train`` and ``n_heldout`` held-out ones to ``out_dir/test``.
+    """The shapes world as an imagefolder (:func:`tlcm.toy.worlds.export_imagefolder`)."""
+    import sys
 
-    Each split folder holds PNGs and a ``metadata.jsonl`` (``file_name``, ``text``, and the five attributes), so
-    ``datasets.load_dataset("imagefolder", data_dir=out_dir)`` loads it. Resumable: existing images are kept, and the
-    metadata is written last (atomically), so a folder with metadata is complete.
-    """
-    from tqdm.auto import tqdm
+    from tlcm.toy.worlds import export_imagefolder as export
 
-    out = Path(out_dir)
-    for split, folder, count in (("train", "train", n), ("heldout", "test", n_heldout)):
-        if count <= 0:
-            continue
-        d = out / folder
-        d.mkdir(parents=True, exist_ok=True)
-        meta_path = d / "metadata.jsonl"
-        rows = []
-        for i, (img, text, attrs) in enumerate(
-            tqdm(
-                (r for r, _ in zip(iter_records(seed, split), range(count))),
-                total=count,
-                desc=f"shapes {folder}",
-                disable=not progress,
-            )
-        ):
-            name = f"{i:07d}.png"
-            if not (d / name).exists():
-                _atomic_save_image(img, d / name)
-            rows.append({"file_name": name, "text": text, **attrs})
-        atomic_write_text(meta_path, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(
-            d.parent / "dataset_info.json",
-            json.dumps({"generator": "tlcm.toy.shapes", "seed": seed, "train": n, "test": n_heldout}, indent=1),
-        )
-    return out
-
-
-def _atomic_save_image(img: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return export(sys.modules[__name__], out_dir, n, seed, n_heldout, progress)
 
 
 def load_imagefolder(path: str | os.PathLike, split: str | None = None) -> list[tuple[Path, str]]:

@@ -42,6 +42,7 @@ class TeacherConfig:
     snr_gamma: float = 5.0
     noise_offset: float = 0.1  # std of a per-channel constant added to the training noise (0: off); see train_teacher
     checkpoint_every: int = 100
+    world: str = "v3"  # toy world of the sample prompts (the data itself comes from ``data``)
     sample_prompts: int = 32  # prompts of the samples.png grid written at the end (0: none)
     sample_steps: int = 50
     seed: int = 0
@@ -221,10 +222,10 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     tokenizer_dir = out / "tokenizer"
     common.write_tokenizer(tokenizer_dir, cfg.max_length)
     common.assemble_pipeline(out / "pipeline", out / "unet", cfg.vae, tokenizer_dir=tokenizer_dir)
-    from tlcm.toy.shapes import prompts as shape_prompts
+    from tlcm.toy.worlds import get_world
 
     if cfg.sample_prompts > 0:
-        sample_prompts = shape_prompts(cfg.sample_prompts, seed=cfg.seed + 99, split="train")
+        sample_prompts = get_world(cfg.world).prompts(cfg.sample_prompts, seed=cfg.seed + 99, split="train")
         images = sample_pipeline(out / "pipeline", sample_prompts, steps=cfg.sample_steps, seed=cfg.seed)
         common.save_grid(images, out / "samples.png", nrow=8, scale=3)
         common.atomic_write_text(out / "samples.txt", "\n".join(sample_prompts) + "\n")
@@ -251,10 +252,13 @@ def sample_pipeline(
     guidance_scale: float = 5.0,
     seed: int = 0,
     batch: int = 100,
-    scheduler: str = "ddim",
+    scheduler="ddim",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in [0, 1] for ``prompt_list`` from a pipeline (object or folder)."""
+    """Images ``(N, 3, H, W)`` in [0, 1] for ``prompt_list`` from a pipeline (object or folder).
+
+    ``scheduler``: ``"ddim"`` or ``"dpm++"`` (built from the pipeline's config, its own timestep spacing), or a
+    scheduler instance used as it is."""
     from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
     from tqdm.auto import tqdm
 
@@ -263,6 +267,10 @@ def sample_pipeline(
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler == "dpm++":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    elif not isinstance(scheduler, str):
+        pipe.scheduler = scheduler
+    else:
+        raise TLCMError(f"unknown scheduler {scheduler!r}", "use 'ddim', 'dpm++' or pass a scheduler instance")
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in tqdm(range(0, len(prompt_list), batch), desc="sampling", disable=not progress):
