@@ -24,14 +24,33 @@ def test_training_queries_are_labelled_by_ground_truth_with_hard_negatives():
     assert 0.35 < np.mean(truths) < 0.75
 
 
-def test_scene_labels_mark_every_value_present():
-    scene, _, _ = scenes.record(2, "train", 0)
-    labels = _scene_labels(scene)
-    assert scenes.COUNTS[int(labels["count"])] == scene["count"]
-    for obj in scene["objects"]:
-        v = scenes.query_vector({k: obj[k] for k in scenes.OBJECT_ATTRIBUTES})
-        assert np.all(labels["presence"][v > 0] == 1)
-    assert labels["presence"].sum() <= 5 * scene["count"]
+def test_scene_labels_put_each_object_in_the_cell_of_its_centre():
+    from tlcm.toy.scene_metrics import CELL_ATTRIBUTES, GRID, cell_of, region_cells
+
+    for i in range(50):
+        scene, _, _ = scenes.record(2, "train", i)
+        labels = _scene_labels(scene)
+        assert scenes.COUNTS[int(labels["count"])] == scene["count"]
+        cells = {cell_of(o["x"], o["y"]) for o in scene["objects"]}
+        assert set(np.flatnonzero(labels["object"])) == cells
+        obj = scene["objects"][0]
+        c = cell_of(obj["x"], obj["y"])
+        assert all(CELL_ATTRIBUTES[k][labels[k][c]] == obj[k] for k in CELL_ATTRIBUTES)
+        assert c in region_cells(obj["region"])  # each caption region is exactly 2x2 cells
+        assert (labels["shape"] >= 0).sum() == len(cells) <= GRID * GRID
+
+
+def test_match_probability_is_the_best_cell_of_the_product_of_named_values():
+    from tlcm.toy.scene_metrics import CELL_ATTRIBUTES, SceneClassifier
+
+    g = torch.Generator().manual_seed(0)
+    cells = {"object": torch.randn(1, 36, generator=g, dtype=torch.float64)}
+    for k, v in CELL_ATTRIBUTES.items():
+        cells[k] = torch.randn(1, 36, len(v), generator=g, dtype=torch.float64)
+    q = {"shape": "cross", "color": "red", "region": "bottom right"}
+    p_cells = [torch.sigmoid(cells["object"][0, c]) * torch.softmax(cells["shape"][0, c], -1)[3]
+               * torch.softmax(cells["color"][0, c], -1)[0] for c in (28, 29, 34, 35)]
+    assert float(SceneClassifier.match_probability(cells, 0, q)) == pytest.approx(float(max(p_cells)), rel=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The scenes world (toy world v4): determinism, splits, captions <-> claims, and that captions leave attributes free."""
+"""The scenes world (toy world v4): determinism, splits, captions <-> claims, captions leave attributes free."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_parse_hand_written_prompts(prompt, expected):
     assert _norm(scenes.parse_prompt(prompt)) == _norm(expected)
 
 
-@pytest.mark.parametrize("prompt", ["", "a photo of a cat", "a red", "a circle square", "a red circle on a pink background"])
+@pytest.mark.parametrize("prompt", ["", "a photo of a cat", "a red", "a circle square",
+                                    "a red circle on a pink background"])
 def test_parse_rejects_what_the_world_cannot_check(prompt):
     with pytest.raises(TLCMError):
         scenes.parse_prompt(prompt)
@@ -107,13 +108,6 @@ def test_render_prompts_draws_scenes_that_satisfy_the_prompt():
     assert all(im.size == (scenes.RESOLUTION, scenes.RESOLUTION) for im in images)
     with pytest.raises(TLCMError):
         scenes.render_prompts(["a blue circle on a blue background"])
-
-
-def test_query_vectors_are_multi_hot_over_the_named_values():
-    v = scenes.query_vector({"shape": "cross", "region": "center"})
-    assert v.shape == (scenes.QUERY_DIM,) and v.sum() == 2
-    assert v[scenes.SHAPES.index("cross")] == 1
-    assert v[scenes.QUERY_DIM - len(scenes.REGIONS) + scenes.REGIONS.index("center")] == 1
 
 
 def test_imagefolder_export_of_the_scenes_world(tmp_path):

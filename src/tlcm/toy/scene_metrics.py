@@ -1,21 +1,20 @@
-"""The metrics model of the scenes world (v4): a scene classifier with a query verifier.
+"""The metrics model of the scenes world (v4): a scene classifier with a tiny object detector that checks claims.
 
 A v4 caption makes *claims* (an object matching a query exists; the scene has N objects; its background is C and
 plain or shaded), and several objects share one image, so the v3 recipe (one classifier head per attribute of the
 single shape) cannot check a caption. This model has:
 
-- an image tower (a small CNN, 48 -> 6x6 feature map) whose pooled ``features`` (``feature_dim``) are the toy-FID
-  and precision/recall space, trained through all heads below;
-- heads for the scene-level claims: count (1-3), background colour, background style;
-- presence heads (does any object have value v, for every object attribute value) that shape the features;
-- a **query verifier**: a multi-hot object query (``tlcm.toy.scenes.query_vector``) modulates the feature map
-  (FiLM), a small conv head scores each cell and a log-sum-exp over cells says whether *some* object matches the whole
-  query. Queries are trained against ground truth on real scenes with hard negatives (a true query with one value
-  changed), so "a red circle" is not satisfied by a red square next to a blue circle.
+- an image tower (a small CNN, 48x48 -> a 6x6 feature map, one cell per 8x8 pixels) whose pooled ``features``
+  (``feature_dim``) are the toy-FID and precision/recall space, trained through all heads below;
+- heads on the pooled features for the scene-level claims: count (1-3), background colour, background style;
+- a **cell head** (CenterNet-style): for each cell, the probability that an object's centre lies in it and the
+  distributions of that object's shape, colour, size and pattern. An object query ("a large red circle in the top
+  left") is confirmed when some cell (inside the named 3x3 region: each region is exactly 2x2 cells) has
+  ``p(object) * prod over named attributes p(value) > 1/2``. Binding is exact: attributes are read at one object.
 
-Alignment of an image with a prompt is the fraction of the prompt's claims the model confirms
-(:meth:`SceneMetricsModel.claim_hits`). The model is trained on rendered images of both splits (every (shape,
-colour) pair) with a seed disjoint from the teacher's data, with light blur and noise so it reads decoded images.
+The model is trained on rendered images of both splits (every (shape, colour) pair) with a seed disjoint from the
+teacher's data, with light blur and noise so it reads decoded images. Alignment of an image with a prompt is the
+fraction of the prompt's claims the model confirms (:meth:`SceneMetricsModel.claim_hits`).
 """
 
 from __future__ import annotations
@@ -40,8 +39,25 @@ def _block(i: int, o: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(i, o, 3, stride, 1), nn.GroupNorm(8, o), nn.SiLU())
 
 
+GRID = 6  # cells per side of the feature map
+CELL = scenes.RESOLUTION / GRID
+CELL_ATTRIBUTES = {"shape": scenes.SHAPES, "color": tuple(scenes.COLORS), "size": scenes.SIZES,
+                   "pattern": scenes.PATTERNS}
+
+
+def cell_of(x: float, y: float) -> int:
+    """Index (row-major, 0..35) of the 8x8-pixel cell holding a point."""
+    return min(GRID - 1, int(y // CELL)) * GRID + min(GRID - 1, int(x // CELL))
+
+
+def region_cells(region: str) -> list[int]:
+    """The 2x2 cells that make up one of the 3x3 caption regions."""
+    row, col = divmod(scenes.REGIONS.index(region), 3)
+    return [(2 * row + dr) * GRID + 2 * col + dc for dr in (0, 1) for dc in (0, 1)]
+
+
 class SceneClassifier(nn.Module):
-    """48x48 RGB -> features; scene heads; presence heads; query verifier (see the module docstring)."""
+    """48x48 RGB -> features; scene heads; a per-cell object head (see the module docstring)."""
 
     def __init__(self, width: int = 16, feature_dim: int = 128):
         super().__init__()
@@ -55,15 +71,14 @@ class SceneClassifier(nn.Module):
             _block(4 * w, 4 * w, 2),  # 6
         )
         c = 4 * w
-        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(c * 36, 256), nn.SiLU(), nn.Linear(256, feature_dim))
+        self.proj = nn.Sequential(nn.Flatten(), nn.Linear(c * GRID * GRID, 256), nn.SiLU(), nn.Linear(256, feature_dim))
         self.heads = nn.ModuleDict({
             "count": nn.Linear(feature_dim, len(COUNT_VALUES)),
             "background": nn.Linear(feature_dim, len(BG_VALUES)),
             "style": nn.Linear(feature_dim, len(STYLE_VALUES)),
-            "presence": nn.Linear(feature_dim, scenes.QUERY_DIM),
         })
-        self.query_film = nn.Sequential(nn.Linear(scenes.QUERY_DIM, 128), nn.SiLU(), nn.Linear(128, 2 * c))
-        self.query_head = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.SiLU(), nn.Conv2d(c, 1, 1))
+        n_cell = 1 + sum(len(v) for v in CELL_ATTRIBUTES.values())
+        self.cell_head = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.SiLU(), nn.Conv2d(c, n_cell, 1))
         self.config = {"world": "v4", "width": width, "feature_dim": feature_dim}
 
     def feature_map(self, x01: torch.Tensor) -> torch.Tensor:
@@ -78,11 +93,26 @@ class SceneClassifier(nn.Module):
     def scene_logits(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: head(feats) for k, head in self.heads.items()}
 
-    def verify(self, fmap: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Logit that some object in each image matches its query: ``fmap (Q, C, 6, 6)``, ``queries (Q, QUERY_DIM)``."""
-        gamma, beta = self.query_film(queries).chunk(2, dim=1)
-        h = F.silu(fmap * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
-        return torch.logsumexp(self.query_head(h).flatten(1), dim=1)
+    def cell_logits(self, fmap: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per cell (``(B, 36)`` and ``(B, 36, classes)``): object-centre logit and attribute logits."""
+        out = self.cell_head(fmap).flatten(2).transpose(1, 2)  # (B, 36, 1 + classes)
+        logits = {"object": out[..., 0]}
+        i = 1
+        for key, values in CELL_ATTRIBUTES.items():
+            logits[key] = out[..., i : i + len(values)]
+            i += len(values)
+        return logits
+
+    @staticmethod
+    def match_probability(cells: dict[str, torch.Tensor], image: int, query: dict) -> torch.Tensor:
+        """``max`` over allowed cells of ``p(object) * prod p(named value)`` for one query on one image."""
+        p = torch.sigmoid(cells["object"][image])
+        for key, values in CELL_ATTRIBUTES.items():
+            if key in query:
+                p = p * torch.softmax(cells[key][image], dim=-1)[:, values.index(query[key])]
+        if "region" in query:
+            p = p[region_cells(query["region"])]
+        return p.max()
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
@@ -103,15 +133,23 @@ class SceneMetricsConfig:
 
 
 def _scene_labels(scene: dict) -> dict[str, np.ndarray]:
-    presence = np.zeros(scenes.QUERY_DIM, dtype=np.float32)
-    for obj in scene["objects"]:
-        presence = np.maximum(presence, scenes.query_vector({k: obj[k] for k in scenes.OBJECT_ATTRIBUTES}))
-    return {
+    """Training targets of one scene: scene classes, and per cell the object centred there (-100: none)."""
+    labels = {
         "count": np.int64(COUNT_VALUES.index(scene["count"])),
         "background": np.int64(BG_VALUES.index(scene["background"])),
         "style": np.int64(STYLE_VALUES.index(scene["style"])),
-        "presence": presence,
+        "object": np.zeros(GRID * GRID, dtype=np.float32),
     }
+    for key in CELL_ATTRIBUTES:
+        labels[key] = np.full(GRID * GRID, -100, dtype=np.int64)
+    for obj in scene["objects"]:
+        cell = cell_of(obj["x"], obj["y"])
+        if labels["object"][cell]:
+            continue  # two centres in one cell (rare: small objects side by side): the first one is the label
+        labels["object"][cell] = 1.0
+        for key, values in CELL_ATTRIBUTES.items():
+            labels[key][cell] = values.index(obj[key])
+    return labels
 
 
 def _real_scenes(n: int, seed: int, heldout_fraction: float, progress: bool = False):
@@ -128,9 +166,10 @@ def _real_scenes(n: int, seed: int, heldout_fraction: float, progress: bool = Fa
 
 
 def sample_query(scene: dict, rng: np.random.Generator) -> tuple[dict, bool]:
-    """A training query for ``scene`` and its ground truth: half are true (a random non-empty subset of one object's
-    attributes; a region only when the object sits clearly inside it, as captions do), half are a true query with
-    one value changed (hard negatives, labelled by ground truth: the change may still match another object)."""
+    """A query for measuring the claim checker on ``scene``, and its ground truth: half are true (a random non-empty
+    subset of one object's attributes; a region only when the object sits clearly inside it, as captions do), half
+    are a true query with one value changed (hard negatives, labelled by ground truth: the change may still match
+    another object)."""
     obj = scene["objects"][int(rng.integers(len(scene["objects"])))]
     keys = [k for k in ("shape", "color", "size", "pattern") if rng.random() < 0.5]
     if scenes.region_of(obj["x"], obj["y"])[1] >= scenes.REGION_MARGIN and rng.random() < 0.3:
@@ -191,21 +230,15 @@ def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: 
     model.train()
 
     def train_step(step: int) -> float:
-        idx = rng.integers(0, len(x_all), cfg.batch_size)
+        idx = torch.from_numpy(rng.integers(0, len(x_all), cfg.batch_size))
         x = _augment(x_all[idx].float() / 255, g)
         fmap = model.feature_map(x)
         logits = model.scene_logits(model.features_from_map(fmap))
         loss = sum(F.cross_entropy(logits[k], y[k][idx]) for k in ("count", "background", "style"))
-        loss = loss + F.binary_cross_entropy_with_logits(logits["presence"], y["presence"][idx])
-        q_img, q_vec, q_true = [], [], []
-        for j, i in enumerate(idx):
-            for _ in range(cfg.queries_per_image):
-                query, truth = sample_query(scene_list[int(i)], rng)
-                q_img.append(j)
-                q_vec.append(scenes.query_vector(query))
-                q_true.append(float(truth))
-        q_logit = model.verify(fmap[torch.tensor(q_img)], torch.from_numpy(np.stack(q_vec)))
-        loss = loss + 2 * F.binary_cross_entropy_with_logits(q_logit, torch.tensor(q_true))
+        cells = model.cell_logits(fmap)
+        loss = loss + F.binary_cross_entropy_with_logits(cells["object"], y["object"][idx]) * GRID
+        for key in CELL_ATTRIBUTES:
+            loss = loss + F.cross_entropy(cells[key].flatten(0, 1), y[key][idx].flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -260,22 +293,20 @@ class SceneMetricsModel:
         for i in range(0, len(x), self.batch_size):
             fmap = self.model.feature_map(x[i : i + self.batch_size])
             logits = self.model.scene_logits(self.model.features_from_map(fmap))
-            q_img, q_vec = [], []
+            cells = self.model.cell_logits(fmap)
             for j, claims in enumerate(parsed[i : i + self.batch_size]):
-                for q in claims["objects"]:
-                    q_img.append(j)
-                    q_vec.append(scenes.query_vector(q))
-            ok = (self.model.verify(fmap[torch.tensor(q_img, dtype=torch.long)],
-                                    torch.from_numpy(np.stack(q_vec))) > 0).tolist() if q_img else []
-            k = 0
-            for j, claims in enumerate(parsed[i : i + self.batch_size]):
-                hits: dict[str, list[bool]] = {"object": ok[k : k + len(claims["objects"])]}
-                k += len(claims["objects"])
+                hits = {"object": [bool(self.model.match_probability(cells, j, q) > 0.5) for q in claims["objects"]]}
                 for kind, values in (("count", COUNT_VALUES), ("background", BG_VALUES), ("style", STYLE_VALUES)):
                     if kind in claims:
                         hits[kind] = [values[int(logits[kind][j].argmax())] == claims[kind]]
                 out.append(hits)
         return out
+
+    @torch.no_grad()
+    def verify(self, x: torch.Tensor, queries: list[dict]) -> torch.Tensor:
+        """Whether some object of image ``i`` matches ``queries[i]`` (a bool per image)."""
+        cells = self.model.cell_logits(self.model.feature_map(x))
+        return torch.stack([self.model.match_probability(cells, i, q) > 0.5 for i, q in enumerate(queries)])
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -306,11 +337,9 @@ def evaluate_scene_classifier(metrics: SceneMetricsModel, n: int = 1000, seed: i
         }
         rng = np.random.default_rng([seed, 3])
         queries = [sample_query(r[2], rng) for r in recs]
-        fmap = metrics.model.feature_map(x)
-        with torch.no_grad():
-            logit = metrics.model.verify(fmap, torch.from_numpy(np.stack([scenes.query_vector(q) for q, _ in queries])))
+        said = metrics.verify(x, [q for q, _ in queries])
         truth = torch.tensor([t for _, t in queries])
-        result[f"verifier_accuracy_{split}"] = round(float(((logit > 0) == truth).float().mean()), 4)
+        result[f"verifier_accuracy_{split}"] = round(float((said == truth).float().mean()), 4)
     a = common.to_tensor([r[0] for r in scenes.sample_records(n, seed + 1, "train")])
     b = common.to_tensor([r[0] for r in scenes.sample_records(n, seed + 2, "train")])
     noise = torch.rand(a.shape, generator=torch.Generator().manual_seed(seed))

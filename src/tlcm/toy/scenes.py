@@ -67,10 +67,8 @@ COUNTS = (1, 2, 3)
 SPLITS = ("train", "heldout")
 HELDOUT_PAIRS = frozenset({("circle", "green"), ("square", "purple"), ("triangle", "cyan"), ("cross", "red")})
 
-# What an object query may name, in a fixed order: the metrics classifier encodes a query as a multi-hot vector over
-# these values (an attribute the caption leaves free contributes no 1).
+# What an object query may name (a caption names a non-empty subset of one object's values).
 OBJECT_ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "pattern": PATTERNS, "region": REGIONS}
-QUERY_DIM = sum(len(v) for v in OBJECT_ATTRIBUTES.values())
 # Scene-level classes the classifier predicts directly (and captions may claim).
 SCENE_CLASSES = {"count": COUNTS, "background": tuple(BACKGROUNDS), "style": STYLES}
 CLAIM_KINDS = ("object", "count", "background", "style")
@@ -484,17 +482,6 @@ def parse_prompt(prompt: str) -> dict:
     if not claims["objects"] and len(claims) == 1:
         raise bad("it names no object, count or background of the scenes world")
     return claims
-
-
-def query_vector(query: dict) -> np.ndarray:
-    """Multi-hot encoding of an object query over :data:`OBJECT_ATTRIBUTES` (length :data:`QUERY_DIM`)."""
-    v = np.zeros(QUERY_DIM, dtype=np.float32)
-    offset = 0
-    for key, values in OBJECT_ATTRIBUTES.items():
-        if key in query:
-            v[offset + values.index(query[key])] = 1.0
-        offset += len(values)
-    return v
 
 
 def matches(obj: dict, query: dict) -> bool:
