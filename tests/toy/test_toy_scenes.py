@@ -67,8 +67,8 @@ def test_token_length_of_the_longest_caption_fits_the_text_encoder():
 
     longest = scenes.claims_text({
         "objects": [
-            {"size": "small", "pattern": "outlined", "color": "purple", "shape": "cross", "region": "bottom right"},
-            {"size": "small", "pattern": "outlined", "color": "orange", "shape": "cross", "region": "top right"},
+            {"size": "large", "pattern": "outlined", "color": "purple", "shape": "cross", "region": "bottom right"},
+            {"size": "large", "pattern": "outlined", "color": "orange", "shape": "cross", "region": "top right"},
         ],
         "count": 3, "style": "shaded", "background": "gray"}, np.random.default_rng(0))
     tok = BertTokenizer.from_pretrained(str(common.minilm_dir()))
@@ -99,7 +99,7 @@ def test_parse_rejects_what_the_world_cannot_check(prompt):
 
 
 def test_render_prompts_draws_scenes_that_satisfy_the_prompt():
-    prompts = scenes.prompts(40, seed=9) + ["three shapes: a small striped green circle in the center", "a blue shape"]
+    prompts = scenes.prompts(40, seed=9) + ["three shapes: a large striped green circle in the center", "a blue shape"]
     for i, p in enumerate(prompts):
         claims = scenes.parse_prompt(p)
         scene = scenes.scene_for_claims(claims, np.random.default_rng(i))
@@ -108,6 +108,14 @@ def test_render_prompts_draws_scenes_that_satisfy_the_prompt():
     assert all(im.size == (scenes.RESOLUTION, scenes.RESOLUTION) for im in images)
     with pytest.raises(TLCMError):
         scenes.render_prompts(["a blue circle on a blue background"])
+    with pytest.raises(TLCMError, match="small objects are always solid"):
+        scenes.render_prompts(["a small striped circle"])
+
+
+def test_small_objects_are_always_solid():
+    for i in range(500):
+        scene, _, _ = scenes.record(8, "train", i)
+        assert all(o["pattern"] == "solid" for o in scene["objects"] if o["size"] == "small")
 
 
 def test_imagefolder_export_of_the_scenes_world(tmp_path):

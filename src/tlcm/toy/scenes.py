@@ -14,8 +14,9 @@ A scene is drawn from a seeded ``numpy`` generator, so record ``i`` is a pure fu
 - background: colour (black, white, gray, blue) and style (plain, or shaded: a linear ramp towards a lighter or
   darker tone in a random direction);
 - 1 to 3 objects, each with shape (circle, square, triangle, cross), colour (8), size (small, large), pattern (solid,
-  striped at a random angle and phase, outlined) and a continuous position (objects barely overlap); its *region* is the
-  3x3 cell of its centre.
+  striped at a random angle and phase, outlined; small objects are always solid: a 12 px stripe or outline is below
+  what a 12x12x4 latent keeps) and a continuous position (objects barely overlap); its *region* is the 3x3 cell of its
+  centre.
 
 A caption names a random subset: zero to two of the objects (each by a random non-empty subset of its shape, colour,
 size, pattern and region), maybe the exact object count, maybe the background colour and style. :func:`parse_prompt`
@@ -74,7 +75,7 @@ SCENE_CLASSES = {"count": COUNTS, "background": tuple(BACKGROUNDS), "style": STY
 CLAIM_KINDS = ("object", "count", "background", "style")
 
 # geometry, in pixels of a 48x48 image
-HALF_SIZE = {"small": 5.25, "large": 9.5}  # half the extent of a shape
+HALF_SIZE = {"small": 6.0, "large": 9.5}  # half the extent of a shape
 STRIPE_PERIOD = 7.0
 OUTLINE_WIDTH = 1.5
 REGION_MARGIN = 2.0  # a caption names an object's region only when its centre is this far inside the cell
@@ -139,12 +140,16 @@ def region_of(x: float, y: float) -> tuple[str, float]:
 def _random_object(rng: np.random.Generator, split: str, background: str, first: bool, fixed: dict | None = None):
     fixed = fixed or {}
     for _ in range(1000):
+        size = fixed.get("size") or ("large" if fixed.get("pattern", "solid") != "solid" else _pick(rng, SIZES))
         obj = {
             "shape": fixed.get("shape") or _pick(rng, SHAPES),
             "color": fixed.get("color") or _pick(rng, tuple(COLORS)),
-            "size": fixed.get("size") or _pick(rng, SIZES),
-            "pattern": fixed.get("pattern") or _pick(rng, PATTERNS),
+            "size": size,
+            "pattern": fixed.get("pattern") or (_pick(rng, PATTERNS) if size == "large" else "solid"),
         }
+        if obj["size"] == "small" and obj["pattern"] != "solid":
+            raise TLCMError(f"no small {obj['pattern']} object exists in the scenes world",
+                            "small objects are always solid; ask for a large striped or outlined one")
         pair_held = (obj["shape"], obj["color"]) in HELDOUT_PAIRS
         if obj["color"] == "blue" and background == "blue":
             ok = False  # a blue object on the blue backdrop would be hard to see
