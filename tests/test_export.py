@@ -331,6 +331,16 @@ def test_errors_name_the_problem_and_the_fix(sd15_student, sd15_base, tmp_path):
     assert (precious / "notes.txt").read_text() == "mine"
 
 
+def test_single_file_refuses_pipelines_outside_the_sd_family():
+    from tlcm.export import single_file_state
+    from tlcm.testing import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(0)
+    pipe.text_encoder = torch.nn.Linear(2, 2)  # e.g. the toy world's BERT text encoder
+    with pytest.raises(TLCMError, match="hold a CLIPTextModel there"):
+        single_file_state(pipe, torch.float32)
+
+
 def test_cli_exports_and_reports_errors(sd15_student, tmp_path, capsys):
     out = tmp_path / "adapter"
     assert main(["export", str(sd15_student), "--to", "peft", "--out", str(out), "--no-progress"]) == 0

@@ -319,9 +319,15 @@ def single_file_state(pipe, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if version == "sd_v2":
         raise TLCMError("single-file export supports SD1.x and SDXL; SD2.x checkpoints store an OpenCLIP text "
                         "encoder with a layer diffusers does not keep", "export SD2.x students as a fused folder")
-    if getattr(pipe, "text_encoder", None) is None:
-        raise TLCMError("the pipeline has no first text encoder (an SDXL refiner?), which single files of the SD "
-                        "family need", "export it as a fused folder")
+    expected = {"text_encoder": "CLIPTextModel"}
+    if is_sdxl(pipe):
+        expected["text_encoder_2"] = "CLIPTextModelWithProjection"
+    for name, cls in expected.items():
+        found = type(getattr(pipe, name, None)).__name__
+        if found != cls:
+            raise TLCMError(f"the pipeline's {name} is {found}, but original-layout checkpoints of the SD family "
+                            f"hold a {cls} there (is this the toy world, or an SDXL refiner?)",
+                            "export it as a fused folder (--to fused without --single-file)")
     state = {**unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config), **vae_to_ldm(pipe.vae.state_dict(),
                                                                                    pipe.vae.config)}
     if is_sdxl(pipe):
