@@ -362,7 +362,7 @@ def load_reward(spec: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     if kind == "toy":
         from tlcm.toy.reward import load_toy_reward
 
-        model = load_toy_reward(target)
+        model = load_toy_reward(target, device, dtype)
     elif kind in ("clip", "pickscore"):
         name = target or (CLIP_L14 if kind == "clip" else PICKSCORE)
         what = "CLIP score" if kind == "clip" else "PickScore"
