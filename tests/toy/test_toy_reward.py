@@ -145,6 +145,11 @@ def test_world_resolution_and_errors(tmp_path, monkeypatch):
         resolve_world("nosuchworld")
     with pytest.raises(TLCMError, match="not a toy world"):
         resolve_world("common")
+    from tlcm.toy.reward import vae_round_trip
+
+    assert vae_round_trip(np.zeros((2, 32, 32, 3), np.uint8), "") is None  # vae: "" trains without round trips
+    with pytest.raises(TLCMError, match="no AutoencoderKL"):
+        vae_round_trip(np.zeros((2, 32, 32, 3), np.uint8), str(tmp_path))
     import tlcm.toy
 
     monkeypatch.setattr(tlcm.toy, "assets_dir", lambda: tmp_path)
