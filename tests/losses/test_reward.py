@@ -381,5 +381,5 @@ def test_reward_through_decode_reaches_latents(clip_dir):
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
     r = reward(decode_for_reward(vae, z), PROMPTS[:2])
     r_mis = reward(decode_for_reward(vae, z), mismatched_prompts(PROMPTS[:2], torch.Generator().manual_seed(0)))
-    reward_loss(r, r_mis, kind="hinge", margin=float(r.max()) + 1, mismatch_margin=1e3).backward()
+    reward_loss(r, r_mis, kind="hinge", margin=float(r.detach().max()) + 1, mismatch_margin=1e3).backward()
     assert z.grad is not None and float(z.grad.abs().sum()) > 0

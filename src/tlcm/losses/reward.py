@@ -265,7 +265,7 @@ class AestheticReward(RewardModel):
         pixels = self.preprocess(images01.to(p.device)).to(p.dtype)
         emb = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
         emb = F.normalize(emb.to(_acc(p)), dim=-1)
-        return self.head.to(emb.dtype)(emb).squeeze(-1)
+        return self.head(emb.to(self.head[0].weight.dtype)).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def load_reward(spec: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         pcfg_file = _local_file(name, "preprocessor_config.json")  # absent: CLIP's defaults at the model's size
         pcfg = json.loads(pcfg_file.read_text()) if pcfg_file else None
         pre = ClipPreprocess.from_config(pcfg, int(clip.config.vision_config.image_size))
-        model = AestheticReward(clip, pre, head)
+        model = AestheticReward(clip, pre, head.to(torch.promote_types(dtype, torch.float32)))
     model.spec = spec
     return model.to(device).eval().requires_grad_(False)
 
