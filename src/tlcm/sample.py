@@ -108,6 +108,7 @@ def iter_generate(
     width: int | None = None,
     batch_size: int = 1,
     negative_prompt: str | Sequence[str] | None = None,
+    images: Sequence | None = None,
     **pipe_kwargs,
 ) -> Iterator[list]:
     """:func:`generate`, yielding each batch's PIL images as soon as it is done."""
@@ -124,8 +125,15 @@ def iter_generate(
         raise TLCMError(f"batch size {batch_size} is less than 1", "use --batch-size 1 or more")
     negatives = _as_list(negative_prompt, len(prompts), "negative prompts")
     size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    for start in range(0, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
+    if images is not None:
+        images = list(images)
+        if len(images) != len(prompts):
+            raise TLCMError(f"{len(images)} init images for {len(prompts)} prompts", "pass one image per prompt")
+        size = {}  # img2img pipelines take the size from the image
+        assert "image" not in pipe_kwargs, "pass init images either as images= (one per prompt) or image=, not both"
+    for start, stop in _batches(len(prompts), batch_size, images):
+        if images is not None:
+            pipe_kwargs["image"] = images[start:stop]
         generators = [torch.Generator().manual_seed(s) for s in seeds[start:stop]]
         neg = negatives[start:stop]
         out = pipe(
@@ -141,6 +149,18 @@ def iter_generate(
         yield list(out.images)
 
 
+def _batches(n: int, batch_size: int, images: Sequence | None) -> Iterator[tuple[int, int]]:
+    # Consecutive runs of at most batch_size; with init images also of one image size, since a pipeline resizes a
+    # batch to its first image's size, which would make an image depend on its neighbours.
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        if images is not None:
+            stop = next((i for i in range(start + 1, stop) if images[i].size != images[start].size), stop)
+        yield start, stop
+        start = stop
+
+
 def generate(
     pipe,
     prompts: Sequence[str],
@@ -152,6 +172,7 @@ def generate(
     width: int | None = None,
     batch_size: int = 1,
     negative_prompt: str | Sequence[str] | None = None,
+    images: Sequence | None = None,
     **pipe_kwargs,
 ) -> list:
     """One PIL image per prompt from an already built pipeline, deterministic per seed.
@@ -161,14 +182,15 @@ def generate(
     ``s, s+1, ...``; the batch size changes speed, not images. Guidance follows diffusers: ``guidance_scale > 1``
     runs classifier-free guidance, unless the UNet has a guidance embedding (``time_cond_proj_dim``), which then
     receives ``guidance_scale - 1`` instead. Extra keyword arguments go to the pipeline call (``image=``,
-    ``strength=`` for img2img pipelines).
+    ``strength=`` for img2img pipelines). ``images`` (img2img) is one init image per prompt, each batch getting
+    its own (height and width then come from the images, see :func:`load_init_image`).
     """
-    images: list = []
+    results: list = []
     for batch in iter_generate(pipe, prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                seeds=seeds, height=height, width=width, batch_size=batch_size,
-                               negative_prompt=negative_prompt, **pipe_kwargs):
-        images.extend(batch)
-    return images
+                               negative_prompt=negative_prompt, images=images, **pipe_kwargs):
+        results.extend(batch)
+    return results
 
 
 def make_grid(images: Sequence, cols: int | None = None):
@@ -221,6 +243,90 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
+# -- img2img -------------------------------------------------------------------------------------------------------
+
+DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def resolve_img2img(paths: Sequence[str], strength: float | None) -> tuple[list[str], float | None]:
+    """Expand ``--image`` arguments (files, or folders: their images sorted by name) and check ``--strength``."""
+    if not paths:
+        if strength is not None:
+            raise TLCMError("--strength is an img2img setting, but no --image was given",
+                            "pass --image PATH (a file or a folder of images), or drop --strength")
+        return [], None
+    strength = DEFAULT_STRENGTH if strength is None else float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise TLCMError(f"--strength {strength} is outside (0, 1]",
+                        "use e.g. 0.3 (stay close to the image) to 1.0 (keep only its faintest trace)")
+    files: list[str] = []
+    for text in paths:
+        p = Path(text).expanduser()
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise TLCMError(f"image folder {text!r} holds no images ({', '.join(IMAGE_SUFFIXES)})",
+                                "pass a folder of images or the image files themselves")
+            files += found
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise TLCMError(f"init image {text!r} does not exist", "pass an image file or a folder of images")
+    return files, strength
+
+
+def pair_images(prompts: list[str], images: list[str]) -> tuple[list[str], list[str]]:
+    """One init image per prompt: one image serves every prompt, one prompt serves every image, else pairs."""
+    if len(images) == 1:
+        return prompts, images * len(prompts)
+    if len(prompts) == 1:
+        return prompts * len(images), images
+    if len(images) != len(prompts):
+        raise TLCMError(f"{len(images)} init images for {len(prompts)} prompts",
+                        "pass one image, one prompt, or as many images as prompts (paired in order)")
+    return prompts, images
+
+
+def check_strength_steps(strength: float, steps: int) -> None:
+    """diffusers' img2img pipelines run the last ``int(steps * strength)`` of the ``steps`` times; 0 is an error."""
+    if int(steps * strength) < 1:
+        least = math.ceil(1 / strength)
+        raise TLCMError(f"--strength {strength} with --steps {steps} runs int({steps} x {strength}) = 0 steps",
+                        f"raise --strength to at least {1 / steps:g}, or --steps to at least {least}")
+
+
+def load_init_image(path: str, height: int | None = None, width: int | None = None):
+    """An init image as RGB, resized to ``height`` x ``width`` when given, else to its own size rounded down to a
+    multiple of 8 (as diffusers' image processor would, with the same Lanczos filter)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise TLCMError(f"could not read the init image {path!r}: {err}",
+                        "pass a PNG/JPEG/WebP image that opens in an image viewer") from err
+    w, h = image.size
+    target = (width or w // 8 * 8, height or h // 8 * 8)
+    if min(target) < 8:
+        raise TLCMError(f"init image {path!r} is {w}x{h}, smaller than 8 pixels", "use a larger image")
+    check_size(target[1], target[0])
+    return image if target == (w, h) else image.resize(target, Image.LANCZOS)
+
+
+def _exported_defaults(model: str):
+    """A fused ``tlcm export`` (folder or single file) as a student source: its sampling defaults and scheduler."""
+    from tlcm.export import exported_defaults
+    from tlcm.lora import LoraSource
+
+    found = exported_defaults(model)
+    if found is None:
+        return None
+    sampling, scheduler_config = found
+    return LoraSource(str(model), "model", str(model), scheduler_config, sampling)
+
+
 @dataclass
 class SampleConfig:
     """Everything ``tlcm sample`` needs. ``None`` means: take it from a student LoRA folder, else the default."""
@@ -246,6 +352,8 @@ class SampleConfig:
     dtype: str = "float32"
     config: str | None = None  # pipeline folder with configs for a single-file --model
     progress: bool = True
+    images: list[str] = field(default_factory=list)  # img2img init images (files or folders); empty: text-to-image
+    strength: float | None = None  # img2img strength, default DEFAULT_STRENGTH
 
 
 @dataclass
@@ -273,6 +381,8 @@ class ResolvedSample:
     dtype: str
     config: str | None
     warnings: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # one init image per prompt (img2img), else empty
+    strength: float | None = None
 
 
 def resolve(config: SampleConfig) -> ResolvedSample:
@@ -290,6 +400,11 @@ def resolve(config: SampleConfig) -> ResolvedSample:
         raise TLCMError(f"--batch-size {config.batch_size} is less than 1", "use 1 or more")
     check_size(config.height, config.width)
     student = next((s for s in (describe_lora(p) for p, _ in config.loras) if s.is_student), None)
+    if student is None and config.model:
+        student = _exported_defaults(config.model)
+    images, strength = resolve_img2img(config.images, config.strength)
+    if images:
+        prompts, images = pair_images(prompts, images)
     sampling = student.sampling if student else {}
     model = config.model or sampling.get("base_model")
     if not model:
@@ -306,6 +421,8 @@ def resolve(config: SampleConfig) -> ResolvedSample:
     mode = config.mode if config.mode is not None else sampling.get("mode")
     if mode is None and config.gamma is not None and student is None:
         mode = "tcd"  # gamma only acts in TCD-style sampling (gamma = 1 is LCM)
+    if images:
+        check_strength_steps(strength, steps)
     if config.keep_scheduler and (config.gamma is not None or config.mode is not None):
         raise TLCMError("--gamma/--mode configure the TLCM scheduler, but --keep-scheduler keeps the pipeline's own",
                         "drop one of them")
@@ -315,7 +432,7 @@ def resolve(config: SampleConfig) -> ResolvedSample:
         keep_scheduler=config.keep_scheduler, scheduler_config=student.scheduler_config if student else None,
         seed=config.seed, images_per_prompt=config.images_per_prompt, batch_size=config.batch_size,
         height=config.height, width=config.width, out=str(config.out), grid=config.grid, device=config.device,
-        dtype=config.dtype, config=config.config, warnings=notes,
+        dtype=config.dtype, config=config.config, warnings=notes, images=images, strength=strength,
     )
 
 
@@ -342,6 +459,10 @@ def prepare_pipeline(run: ResolvedSample, warn: Callable[[str], None] | None = N
                             "change --steps/--gamma/--mode (see docs/scheduler.md), or the student's "
                             "scheduler/scheduler_config.json") from err
     load_loras(pipe, run.loras, warn=warn)
+    if run.images:
+        from diffusers import AutoPipelineForImage2Image
+
+        pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # same modules, LoRAs and scheduler
     return pipe
 
 
@@ -358,6 +479,7 @@ def sample(config: SampleConfig, warn: Callable[[str], None] | None = None) -> l
     run = resolve(config)
     for note in run.warnings:
         warn(note)
+    loaded = {path: load_init_image(path, run.height, run.width) for path in dict.fromkeys(run.images)}
     pipe = prepare_pipeline(run, warn)
     out = Path(run.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -374,6 +496,10 @@ def sample(config: SampleConfig, warn: Callable[[str], None] | None = None) -> l
         "loras": json.dumps([[p, w] for p, w in run.loras]),
         "scheduler": json.dumps(scheduler, default=str),
     }
+    img2img = {}
+    if run.images:
+        common["strength"] = str(run.strength)
+        img2img = {"images": [loaded[run.images[p]] for p, _ in jobs], "strength": run.strength}
     height, width = run.height, run.width
     paths: list[Path] = []
     images = []
@@ -382,12 +508,15 @@ def sample(config: SampleConfig, warn: Callable[[str], None] | None = None) -> l
     batches = iter_generate(
         pipe, [run.prompts[p] for p, _ in jobs], num_inference_steps=run.steps, guidance_scale=run.guidance_scale,
         seeds=seeds, height=height, width=width, batch_size=run.batch_size, negative_prompt=run.negative_prompt,
+        **img2img,
     )
     for batch in batches:
         for image in batch:
             p, k = jobs[done]
             meta = {"prompt": run.prompts[p], "seed": str(seeds[done]), **common,
                     "prompt_index": str(p), "image_index": str(k)}
+            if run.images:
+                meta["image"] = run.images[p]
             paths.append(save_png(image, out / f"{p:04d}_{k:02d}_seed{seeds[done]}.png", meta))
             if run.grid:
                 images.append(image)

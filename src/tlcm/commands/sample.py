@@ -14,6 +14,7 @@ EPILOG = """examples:
                                                                                   scheduler and guidance are used)
   tlcm sample --model stabilityai/stable-diffusion-xl-base-1.0 --lora TLCM_SDXL_LoRA --guidance-scale 0 --steps 3
   tlcm sample --model sd15.safetensors --config ./sd15-pipeline --lora lcm-lora.safetensors --lora style.safetensors:0.8
+  tlcm sample --lora runs/tlcm/final --image photo.png --strength 0.5 --prompt "a watercolor painting"   (img2img)
 """
 
 
@@ -40,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", action="append", default=[], help="prompt (repeatable)")
     g.add_argument("--prompts-file", metavar="FILE", help="text file, one prompt per line")
     g.add_argument("--negative-prompt", default=None, help="used only with classifier-free guidance (scale > 1)")
+    g = parser.add_argument_group("img2img")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="init image, or a folder of them (repeatable): one image serves every prompt, one prompt "
+                   "every image, else images and prompts pair in order")
+    g.add_argument("--strength", type=float, default=None,
+                   help="how much of the image to re-draw, in (0, 1]: runs the last int(steps x strength) of the "
+                   "steps (default 0.8)")
     g = parser.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None,
                    help="sampling steps, 1-8 (more allowed with a warning; default: the student's, else 4)")
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         keep_scheduler=args.keep_scheduler, seed=args.seed, images_per_prompt=args.images_per_prompt,
         batch_size=args.batch_size, height=args.height, width=args.width, out=args.out, grid=args.grid,
         device=args.device, dtype=args.dtype, config=args.config, progress=not args.no_progress,
+        images=args.image, strength=args.strength,
     )
     if args.dry_run:
         import dataclasses

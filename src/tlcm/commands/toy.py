@@ -63,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--world", help="v4 (scenes, default) or v3 (shapes)")
     _common_train_args(p)
 
+    p = sub.add_parser("train-reward", help="train the toy reward model (contrastive image/MiniLM-text, for reward "
+                       "learning; not the metrics classifier)")
+    p.add_argument("--out", required=True, help="output folder (reward.safetensors, config.json, report.json)")
+    p.add_argument("--world", help="toy world module under tlcm.toy (default shapes)")
+    p.add_argument("--images", type=int, dest="train_images", help="training images (default 8000)")
+    p.add_argument("--vae", help="VAE for the round-trip augmentation: toy (default), a folder, or '' for none")
+    _common_train_args(p)
+
     p = sub.add_parser("evaluate", help="alignment and toy-FID of a teacher pipeline folder")
     p.add_argument("--teacher", help="pipeline folder (default: the shipped toy teacher of --world)")
     p.add_argument("--metrics", help="classifier folder (default: the shipped one of the teacher's world)")
@@ -138,6 +146,13 @@ def run(args) -> int:
 
             cfg = common.load_config(SceneMetricsConfig, args.config, _overrides(args))
             _print(train_scene_metrics(cfg, args.out, progress))
+        return 0
+    if cmd == "train-reward":
+        from tlcm.toy.reward import RewardConfig, train_reward
+
+        extra = {k: getattr(args, k) for k in ("world", "train_images", "vae") if getattr(args, k) is not None}
+        cfg = common.load_config(RewardConfig, args.config, {**extra, **_overrides(args)})
+        _print(train_reward(cfg, args.out, progress))
         return 0
     if cmd == "evaluate":
         from tlcm.toy import teacher_path, world_of_model

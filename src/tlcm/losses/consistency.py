@@ -32,6 +32,7 @@ from tlcm.math import (
 
 Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GuidedNet = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+PerSampleDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a, b) -> (B,), e.g. latent LPIPS
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,23 @@ def l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a.float() - b.float()) ** 2).mean()
 
 
-def distance(a: torch.Tensor, b: torch.Tensor, kind: str = "huber", huber_c: float = 1e-3) -> torch.Tensor:
+def distance(
+    a: torch.Tensor, b: torch.Tensor, kind: str | PerSampleDistance = "huber", huber_c: float = 1e-3
+) -> torch.Tensor:
+    """The scalar distance every consistency loss uses: ``"huber"``, ``"l2"`` (means over all elements), or a callable
+    ``kind(a, b) -> (B,)`` of per-sample distances (e.g. :class:`tlcm.losses.perceptual.LatentLPIPS`), averaged."""
+    if callable(kind):
+        d = kind(a, b)
+        if d.ndim != 1 or d.shape[0] != a.shape[0]:
+            raise ValueError(
+                f"a distance callable must return one value per sample ({a.shape[0]},), got {tuple(d.shape)}"
+            )
+        return d.float().mean()
     if kind == "huber":
         return pseudo_huber(a, b, huber_c)
     if kind == "l2":
         return l2(a, b)
-    raise ValueError(f"unknown loss type {kind!r}; expected 'huber' or 'l2'")
+    raise ValueError(f"unknown loss type {kind!r}; expected 'huber', 'l2' or a per-sample distance callable")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,7 +249,7 @@ def lcm_loss(
     schedule: NoiseSchedule,
     skip: int = 20,
     boundary: str = "lcm",
-    loss_type: str = "huber",
+    loss_type: str | PerSampleDistance = "huber",
     huber_c: float = 1e-3,
     sigma_data: float = 0.5,
     timestep_scaling: float = 10.0,
@@ -272,7 +284,7 @@ def mlcd_loss(
     schedule: NoiseSchedule,
     edges: torch.Tensor,
     skip: int = 20,
-    loss_type: str = "l2",
+    loss_type: str | PerSampleDistance = "l2",
     huber_c: float = 1e-3,
 ) -> LossOutput:
     """TLCM stage 1 (MLCD): both sides moved by DDIM to the segment's lower edge ``e_m``, with ``t_n >= e_m``.
@@ -307,7 +319,7 @@ def tlcm_loss(
     schedule: NoiseSchedule,
     num_substeps: int = 3,
     boundary: str = "none",
-    loss_type: str = "l2",
+    loss_type: str | PerSampleDistance = "l2",
     huber_c: float = 1e-3,
 ) -> LossOutput:
     """TLCM stage 2: inter-segment (global) consistency of the clean prediction.
@@ -376,6 +388,7 @@ __all__ = [
     "LossOutput",
     "Net",
     "NoiseSchedule",
+    "PerSampleDistance",
     "consistency_fn",
     "distance",
     "guidance_scale_embedding",
