@@ -15,7 +15,6 @@ field (``world: shapes``, resolved to ``tlcm.toy.<world>``), trained at the worl
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,11 +35,11 @@ CONFIG = "config.json"
 
 @dataclass
 class RewardConfig:
-    world: str = "shapes"  # module tlcm.toy.<world>: sample_records(n, seed, split), RESOLUTION
+    world: str = "v4"  # toy world (tlcm.toy.worlds): v4 (scenes) or v3 (shapes)
     train_images: int = 8000
     heldout_fraction: float = 0.2  # share from the world's "heldout" split (every combination known, as a real RM)
     eval_images: int = 1000
-    vae: str = "toy"  # VAE for the round-trip augmentation: "toy" (the shipped teacher's), a folder, or "" (none)
+    vae: str = "toy"  # VAE for the round-trip augmentation: "toy" (the world's shipped teacher's), a folder, or ""
     vae_images: int = 3000  # training images that get a VAE round-trip copy (a random subset; 0: none)
     vae_fraction: float = 0.5  # chance that such an image is shown through its round trip
     steps: int = 1000
@@ -50,7 +49,7 @@ class RewardConfig:
     width: int = 16
     embed_dim: int = 64
     text_hidden: int = 256
-    max_length: int = 32  # MiniLM tokens (toy captions have < 20)
+    max_length: int = 40  # MiniLM tokens (the world's TEXT_MAX_LENGTH: v3 captions have < 20, v4 < 34)
     init_logit_scale: float = 2.659  # log(1 / 0.07), CLIP's initial temperature
     seed: int = 2000  # initialisation and batches; the metrics classifier uses 1000
     data_seed: int = 3000  # training images; the classifier's are drawn with 1000, the teacher dataset with 0
@@ -59,16 +58,10 @@ class RewardConfig:
 
 
 def resolve_world(name: str):
-    """The toy world module ``tlcm.toy.<name>`` (``shapes`` today); it must offer ``sample_records`` and
-    ``RESOLUTION``."""
-    try:
-        world = importlib.import_module(f"tlcm.toy.{name}")
-    except ModuleNotFoundError as e:
-        raise TLCMError(f"unknown toy world {name!r} (no module tlcm.toy.{name})", "use world: shapes") from e
-    missing = [a for a in ("sample_records", "RESOLUTION") if not hasattr(world, a)]
-    if missing:
-        raise TLCMError(f"tlcm.toy.{name} is not a toy world (lacks {missing})", "use world: shapes")
-    return world
+    """The toy world module (:func:`tlcm.toy.worlds.get_world`: ``v4``/``scenes`` or ``v3``/``shapes``)."""
+    from tlcm.toy.worlds import get_world
+
+    return get_world(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,18 +198,20 @@ def _records(world, n: int, seed: int, heldout_fraction: float):
         recs += world.sample_records(n_held, seed, "heldout")
     images = np.stack([np.asarray(r[0].convert("RGB"), dtype=np.uint8) for r in recs])
     captions = [r[1] for r in recs]
-    keys = [json.dumps(r[2], sort_keys=True, default=str) for r in recs]
+    # positives share a key: the attribute combination where a caption names everything (v3); the caption itself
+    # where captions leave most of the image free (v4: two scenes whose captions are equal satisfy each other's)
+    keys = [r[1] if hasattr(world, "parse_prompt") else json.dumps(r[2], sort_keys=True, default=str) for r in recs]
     index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
     return images, captions, torch.tensor([index[k] for k in keys]), [r[2] for r in recs]
 
 
-def _vae_folder(spec: str) -> Path | None:
+def _vae_folder(spec: str, world: str | None = None) -> Path | None:
     if not spec:
         return None
     if spec == "toy":
         from tlcm.toy import assets_dir
 
-        folder = assets_dir() / "teacher" / "vae"
+        folder = assets_dir(world) / "teacher" / "vae"
     else:
         folder = Path(spec)
     if not (folder / "config.json").is_file():
@@ -224,14 +219,15 @@ def _vae_folder(spec: str) -> Path | None:
     return folder
 
 
-def vae_round_trip(images: np.ndarray, vae_spec: str, batch: int = 200, progress: bool = False) -> np.ndarray | None:
+def vae_round_trip(images: np.ndarray, vae_spec: str, batch: int = 200, progress: bool = False,
+                   world: str | None = None) -> np.ndarray | None:
     """uint8 images through the VAE's encode (posterior mode) and decode, as uint8; ``None`` without a VAE."""
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     from tlcm.toy.autoencoder import reconstruct
 
-    folder = _vae_folder(vae_spec)
+    folder = _vae_folder(vae_spec, world)
     if folder is None:
         return None
     vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval().requires_grad_(False)
@@ -288,7 +284,8 @@ def _prepare(cfg: RewardConfig, world, out: Path, progress: bool) -> dict:
         "key": key,
     }
     if n_vae:
-        data["vae_images"] = torch.from_numpy(vae_round_trip(images[:n_vae], cfg.vae, progress=progress))
+        data["vae_images"] = torch.from_numpy(vae_round_trip(images[:n_vae], cfg.vae, progress=progress,
+                                                             world=cfg.world))
     common.atomic_torch_save(data, cache)
     return data
 
@@ -402,7 +399,7 @@ def evaluate_reward(reward: ToyReward, world, n: int = 1000, seed: int = 3001, h
 
     images, captions, labels, attrs = _records(world, n, seed, heldout_fraction)
     sets = {"real": images}
-    trip = vae_round_trip(images, vae) if vae else None
+    trip = vae_round_trip(images, vae, world=getattr(world, "VERSION", None)) if vae else None
     if trip is not None:
         sets["vae"] = trip
     result: dict = {"eval_images": len(images)}

@@ -123,7 +123,6 @@ class SceneMetricsConfig:
     heldout_fraction: float = 0.2  # share of held-out-split scenes, so every (shape, colour) pair is known
     steps: int = 3000
     batch_size: int = 64
-    queries_per_image: int = 2
     lr: float = 2e-3
     width: int = 16
     feature_dim: int = 128
