@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tlcm.models import STABLE_DIFFUSION_SCHEDULER_CONFIG as SD_SCHEDULER_CONFIG
+from tlcm.sd_config import STABLE_DIFFUSION_SCHEDULER_CONFIG as SD_SCHEDULER_CONFIG
 
 
 def _bytes_to_unicode() -> dict[int, str]:
