@@ -132,3 +132,12 @@ def test_cli_missing_shards_exit_code(tmp_path, capsys):
 
     rc = main(["distill", "--preset", "toy-lcm", "--data", str(tmp_path / "none"), "--output-dir", str(tmp_path)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_set_keeps_yaml_boolean_words_as_strings_for_string_keys():
+    from tlcm.train.config import apply_mapping
+
+    assert resolve_config(overrides=["mixed_precision=no"]).mixed_precision == "no"  # not YAML's False
+    assert resolve_config(overrides=["gradient_checkpointing=no"]).gradient_checkpointing is False
+    with pytest.raises(TLCMError, match="quote the value"):
+        apply_mapping(DistillConfig(), {"mixed_precision": False})  # `mixed_precision: no` unquoted in a YAML file
