@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_presets_ship_in_package_and_match_repo_configs():
     names = preset_names()
-    assert {f"{m}-{r}" for m in ("toy", "sd15", "sdxl") for r in ("lcm", "mlcd", "tlcm")} <= set(names)
+    assert {f"{m}-{r}" for m in ("toy", "sd15", "sd21", "sdxl") for r in ("lcm", "mlcd", "tlcm")} <= set(names)
     for name in names:
         shipped = (REPO / "src" / "tlcm" / "configs" / f"{name}.yaml").read_text()
         assert (REPO / "configs" / f"{name}.yaml").read_text() == shipped, name
