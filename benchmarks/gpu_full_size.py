@@ -1,6 +1,7 @@
 """Full-size cost on one GPU: tlcm's own training steps and teacher sampling on SD1.5/SDXL UNets, projected hours.
 
-One command, about 3-5 minutes on one H100/H200 (a time budget, ``--budget-s``, skips what would not fit in 8):
+One command; on one H100/H200 an estimated 3-5 minutes (not yet measured), and a time budget (``--budget-s``) skips
+what would not finish within 8:
 
     python benchmarks/gpu_full_size.py --json OUT/gpu.json --write     # on a CUDA machine
     python benchmarks/gpu_full_size.py --dry-run                       # CPU: configs on the meta device, the plan
@@ -615,7 +616,7 @@ def dry_run_section(rows: list[dict], argv) -> str:
              "No GPU was available when this was written: the script has not run on one, so there are no step "
              "times, memory, throughput or projected A100/H100-hours yet. The dry run below checks the public "
              "configs (built on the meta device) and lists what a GPU run measures. Run "
-             "`python benchmarks/gpu_full_size.py --write` on a CUDA machine (about 3-5 minutes) to fill this section.",
+             "`python benchmarks/gpu_full_size.py --write` on a CUDA machine (estimated 3-5 minutes, at most 8) to fill this section.",
              "", "| model | UNet params (M) | LoRA rank | LoRA targets | LoRA params (M) | resolution | stage 1 | "
              "stage 2 |", "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
