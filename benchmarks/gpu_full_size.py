@@ -616,7 +616,8 @@ def dry_run_section(rows: list[dict], argv) -> str:
              "No GPU was available when this was written: the script has not run on one, so there are no step "
              "times, memory, throughput or projected A100/H100-hours yet. The dry run below checks the public "
              "configs (built on the meta device) and lists what a GPU run measures. Run "
-             "`python benchmarks/gpu_full_size.py --write` on a CUDA machine (estimated 3-5 minutes, at most 8) to fill this section.",
+             "`python benchmarks/gpu_full_size.py --write` on a CUDA machine (estimated 3-5 minutes, at most 8) "
+             "to fill this section.",
              "", "| model | UNet params (M) | LoRA rank | LoRA targets | LoRA params (M) | resolution | stage 1 | "
              "stage 2 |", "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
