@@ -139,6 +139,7 @@ def test_sd21_presets_end_to_end(kind, size, prediction, tmp_path, capsys):
 
     image = _sample(teacher, stage2, tmp_path / "img", capsys)
     assert image.size == (size, size)
-    assert json.loads(image.text["scheduler"])["class"] == "TLCMScheduler"
+    used = json.loads(image.text["scheduler"])
+    assert used["class"] == "TLCMScheduler" and used["prediction_type"] == prediction  # the student's scheduler
     plain = _sample(teacher, None, tmp_path / "img-base", capsys)
     assert not np.array_equal(np.asarray(image), np.asarray(plain))  # the trained LoRA is applied
