@@ -28,8 +28,8 @@ import numpy as np
 
 # Columns that are bookkeeping, not quality metrics.
 INFO_KEYS = ("cell", "model", "role", "scheduler", "steps", "guidance", "unet_calls", "cfg_factor", "nfe",
-             "num_images", "latency_s", "images_per_s", "wall_s", "peak_mem_mb", "peak_mem_kind", "lora",
-             "scheduler_from", "baseline_of", "diversity_extra_images", "diversity_extra_s", "prompt_set",
+             "num_images", "latency_s", "images_per_s", "wall_s", "encode_cached_s", "peak_mem_mb", "peak_mem_kind",
+             "lora", "scheduler_from", "baseline_of", "diversity_extra_images", "diversity_extra_s", "prompt_set",
              "lora_sampling", "scheduler_config")
 CSV_SKIP = ("lora_sampling", "scheduler_config")
 # Lower is better for these; higher for the rest.
