@@ -304,13 +304,22 @@ def plot_metric(path: Path, rows: list[dict], key: str, best: dict | None = None
     if not lines:
         return False
     fig, ax = plt.subplots(figsize=(9.6, 4.4), dpi=100)  # wide: the legend sits to the right of the axes
+    # students in strong colours (tab10), the many training-free rows in muted ones (tab20b)
+    palettes = {"student": plt.get_cmap("tab10").colors, "free": plt.get_cmap("tab20b").colors}
+    used = {"student": 0, "free": 0}
     all_steps = set()
     for name, pts in lines.items():
         pts.sort()
         all_steps.update(s for s, _ in pts)
+        group = "student" if roles[name] == "student" else "free"
+        color = palettes[group][used[group] % len(palettes[group])]
+        used[group] += 1
         style = ("o" + ROLE_STYLE.get(roles[name], "-")) if len(pts) > 1 else "s"
-        ax.plot([s for s, _ in pts], [v for _, v in pts], style, label=name, markersize=4,
-                linewidth=1.0 if roles[name] != "student" else 1.6)
+        ax.plot([s for s, _ in pts], [v for _, v in pts], style, label=name, markersize=4, color=color,
+                linewidth=1.0 if group == "free" else 1.8)
+    values = [v for pts in lines.values() for _, v in pts]
+    if key.startswith(LOWER_IS_BETTER) and min(values) > 0 and max(values) > 20 * min(values):
+        ax.set_yscale("log")  # FIDs span orders of magnitude between 1-step and 8-step rows
     envelope = sorted((int(s), b[key]["value"]) for s, b in (best or {}).get("by_steps", {}).items() if key in b)
     if len(envelope) > 1:
         ax.plot([s for s, _ in envelope], [v for _, v in envelope], "-", color="grey", alpha=0.35, linewidth=5,
@@ -332,12 +341,16 @@ def plot_metric(path: Path, rows: list[dict], key: str, best: dict | None = None
 
 
 def overview_image(out: Path, rows: list[dict], per_cell: int = 4):
-    """Rows = methods, columns = step counts; each tile shows the cell's first ``per_cell`` images, labelled."""
+    """Rows = methods, columns = step counts; each tile shows the cell's first ``per_cell`` images, labelled.
+    Training-free rows come first, labelled in grey with a "training-free" tag; a line separates the students."""
     from PIL import Image, ImageDraw
 
+    rows = sorted(rows, key=lambda r: role_of(r) == "student")  # stable: the grid's order within each group
     methods: dict[str, dict[int, str]] = {}
+    roles: dict[str, str] = {}
     for r in rows:
         methods.setdefault(method_of(r), {})[int(r["steps"])] = r["cell"]
+        roles[method_of(r)] = role_of(r)
     steps = sorted({int(r["steps"]) for r in rows})
     tiles: dict[str, Image.Image] = {}
     for cells in methods.values():
@@ -356,9 +369,16 @@ def overview_image(out: Path, rows: list[dict], per_cell: int = 4):
     draw = ImageDraw.Draw(canvas)
     for j, s in enumerate(steps):
         draw.text((label_w + j * (tw + pad) + tw // 2 - 20, 3), f"{s} step{'s' if s > 1 else ''}", fill="black")
+    first_student = True
     for i, (name, cells) in enumerate(methods.items()):
         y = head_h + i * (th + pad)
-        draw.text((4, y + th // 2 - 6), name, fill="black")
+        student = roles[name] == "student"
+        if student and first_student and i > 0:
+            draw.line((0, y - pad // 2 - 1, canvas.size[0], y - pad // 2 - 1), fill="black", width=2)
+        first_student = first_student and not student
+        draw.text((4, y + th // 2 - 6), name, fill="black" if student else (90, 90, 90))
+        if not student:
+            draw.text((4, y + th // 2 + 6), "training-free", fill=(140, 140, 140))
         for j, s in enumerate(steps):
             if s in cells and cells[s] in tiles:
                 canvas.paste(tiles[cells[s]], (label_w + j * (tw + pad), y))
