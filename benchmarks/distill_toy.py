@@ -304,7 +304,7 @@ def main() -> int:
                 f"{s.get('s_per_step')} s/step in the loop" if s else "")
         costs.append(f"| {name} | {wall} | {mem} | {note} |")
     text = "\n".join([
-        "# Toy-world distillation: lcm / mlcd / tlcm students vs the teacher's solvers",
+        "# Toy-world distillation: lcm / mlcd / tlcm students vs the undistilled teacher",
         "",
         f"Date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores visible, torch threads per process {args.threads}, python "
