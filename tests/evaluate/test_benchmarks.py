@@ -106,3 +106,44 @@ def test_results_sections_replace_only_their_own(tmp_path):
     assert text.startswith("# Evaluation benchmarks")
     assert "## A\n3" in text and "## A\n1" not in text and "## B\n2" in text
     assert text.index("BEGIN a") < text.index("BEGIN b")
+
+
+def test_distill_benchmark_compares_students_with_the_best_training_free_sampler():
+    from tlcm.evaluate.baselines import add_ratios, best_training_free
+
+    bench = _load("distill_toy")
+
+    def row(model, role, steps, g, fid, ali, nfe, recall=None):
+        return {"cell": f"{model}__s{steps}__g{g}", "model": model, "role": role, "scheduler": "tlcm" if role !=
+                "teacher" else "dpmpp", "steps": steps, "guidance": g, "nfe": nfe, "toy_fid_teacher": fid,
+                "alignment": ali, "recall_data": recall, "lora": "dir" if role == "student" else None}
+
+    rows = [row("teacher", "teacher", 2, 4.0, 250.0, 0.80, 4), row("teacher", "teacher", 2, 1.0, 90.0, 0.85, 2),
+            row("teacher+tlcm-sampler", "baseline", 2, 1.0, 20.0, 0.95, 2),
+            row("tlcm", "student", 2, 1.0, 8.0, 0.97, 2, recall=0.90), row("lcm", "student", 2, 1.0, 12.0, 0.93, 2),
+            row("tlcm", "student", 4, 1.0, 9.0, 0.90, 4, recall=0.50)]
+    best = best_training_free(rows)
+    add_ratios(rows, best)
+    md, by = bench.table(rows, best)
+    lines = md.splitlines()
+    assert lines[2].startswith("| teacher / dpmpp / cfg 4 | - | 250.00 / 0.800 |")
+    assert lines[4].startswith("| teacher+tlcm-sampler / tlcm / cfg 1 | - | 20.00 / 0.950 |")
+    assert lines[5].startswith("| **best training-free** | - | 20.00 / 0.950 | - |")
+    assert lines[6].startswith("| **lcm** |") or lines[6].startswith("| **tlcm** |")
+    bars = bench.bar_lines(by, best, {"alignment": 0.98, "recall_data": 0.95})
+    text = "\n".join(bars)
+    assert "tlcm at 2 steps: toy-FID vs teacher <= 0.5x the best training-free sampler at 2 steps (8 vs 20, " \
+           "teacher+tlcm-sampler / tlcm / cfg 1; ratio 0.4): **met**" in text
+    assert "within its 2 network evaluations (8 vs 20, teacher+tlcm-sampler / tlcm / cfg 1; ratio 0.4): **met**" in text
+    assert "tlcm at 2 steps: alignment within 0.02 of the teacher at 25 steps (0.97 vs 0.98): **met**" in text
+    assert "tlcm at 2 steps: recall vs data >= 0.9x the teacher's (0.9 vs 0.95): **met**" in text
+    # no training-free row at 4 steps: the ratio bar is not measured, not met; the recall bar is missed
+    assert "tlcm at 4 steps: toy-FID vs teacher <= 0.5x the best training-free sampler at 4 steps (9 vs –; ratio " \
+           "–): not measured" in text
+    assert "tlcm at 4 steps: recall vs data >= 0.9x the teacher's (0.5 vs 0.95): **missed**" in text
+    # ... but within its 4 network evaluations the 2-step training-free rows compete
+    assert "within its 4 network evaluations (9 vs 20, teacher+tlcm-sampler / tlcm / cfg 1; ratio 0.45): **met**" \
+        in text
+    assert "tlcm beats lcm at 2 steps" in text and text.count("**met**") == 6
+    table = bench.student_table(rows, {"recall_data": 0.95, "diversity": 2.0, "alignment": 0.98})
+    assert "| tlcm | 2 | 2 | 8.00 | 0.400 | 0.400 | 0.020 | 0.900 (0.95) | – |" in table
