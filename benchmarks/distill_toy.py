@@ -1,7 +1,11 @@
 """Toy-world distillation benchmark: synthesize -> lcm / mlcd / tlcm students (+ a full-UNet cost run) -> evaluate.
 
-Writes ``benchmarks/results/distill.md`` (the table of toy-FID and alignment at 1, 2, 3, 4, 8 steps for the three
-students and the teacher's solvers, the bars, wall time and peak memory of each stage, the commands, machine, date).
+Writes ``benchmarks/results/distill.md``: toy-FID against the teacher's samples and alignment at 1, 2, 3, 4, 8 steps
+for the three students and every training-free row of the undistilled teacher (its solvers with and without CFG, and
+the teacher sampled with each student's own scheduler, ``teacher+NAME-sampler``), each student's ratio to the best
+training-free sampler at equal steps and within its network evaluations, recall and per-prompt diversity against the
+teacher's, the bars (issue #10's compare with the best training-free sampler), wall time and peak memory of each
+stage, the commands, machine, date.
 Every stage is a ``tlcm`` command run as a subprocess and skipped when its output already exists, so an interrupted
 benchmark continues where it stopped::
 
@@ -85,43 +89,109 @@ def _rows(results_path: Path) -> list[dict]:
     return data.get("cells", [])
 
 
-def _metric(row: dict, *names: str):
-    for n in names:
-        for key in (n, f"metrics.{n}"):
-            if key in row and row[key] is not None:
-                return row[key]
-        if isinstance(row.get("metrics"), dict) and row["metrics"].get(n) is not None:
-            return row["metrics"][n]
-    return None
+def _is_student(row: dict) -> bool:
+    return row.get("role") == "student" or (not row.get("role") and bool(row.get("lora")))
 
 
-def table(rows: list[dict]) -> tuple[str, dict]:
-    """Markdown table method x steps of toy-FID (vs data) / alignment, and a lookup for the bars."""
-    by: dict[tuple[str, int], dict] = {}
+def method_of(row: dict) -> str:
+    """Students by name; training-free rows as model / scheduler / cfg (one sampler at two CFG scales is two rows)."""
+    if _is_student(row):
+        return row["model"]
+    return f"{row['model']} / {row['scheduler']} / cfg {row['guidance']:g}"
+
+
+def _f(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _pair(r: dict | None) -> str:
+    return "-" if r is None else f"{_f(r.get('toy_fid_teacher'))} / {_f(r.get('alignment'), 3)}"
+
+
+def table(rows: list[dict], best: dict) -> tuple[str, dict]:
+    """Markdown table method x steps of toy-FID vs teacher / alignment (training-free rows, the best training-free
+    value per step count, then the students), and a lookup ``(method, steps) -> row`` for the bars."""
+    by: dict[tuple[str, int], dict] = {(method_of(r), int(r["steps"])): r for r in rows}
+    students = list(dict.fromkeys(method_of(r) for r in rows if _is_student(r)))
+    free = [m for m in dict.fromkeys(method_of(r) for r in rows) if m not in students]
+    free.sort(key=lambda m: "+" in m)  # the teacher's solvers, then the baselines (stable)
+    lines = ["| method | " + " | ".join(f"{s} steps" for s in STEPS) + " |", "|---|" + "---|" * len(STEPS)]
+    for m in free:
+        lines.append(f"| {m} | " + " | ".join(_pair(by.get((m, s))) for s in STEPS) + " |")
+    cells = []
+    for s in STEPS:
+        b = best.get("by_steps", {}).get(str(s), {})
+        fid, ali = b.get("toy_fid_teacher"), b.get("alignment")
+        cells.append(f"{_f(fid['value'] if fid else None)} / {_f(ali['value'] if ali else None, 3)}"
+                     if fid or ali else "-")
+    lines.append("| **best training-free** | " + " | ".join(cells) + " |")
+    for m in students:
+        lines.append(f"| **{m}** | " + " | ".join(_pair(by.get((m, s))) for s in STEPS) + " |")
+    return "\n".join(lines), by
+
+
+def student_table(rows: list[dict], reference: dict) -> str:
+    """Per student and step count: ratios to the best training-free sampler, recall and diversity vs the teacher."""
+    ref_recall, ref_div = reference.get("recall_data"), reference.get("diversity")
+    lines = ["| student | steps | NFE | toy-FID vs teacher | ÷ best TF, equal steps | ÷ best TF, equal NFE | "
+             "alignment − best TF | recall vs data (÷ teacher's) | diversity ÷ teacher's |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        model = r.get("model", "")
-        sched = str(r.get("scheduler", "")).lower()
-        sched = "dpmpp" if "dpm" in sched else sched
-        method = model if model in ("lcm", "mlcd", "tlcm") else f"teacher-{sched}"
-        steps = int(r.get("steps", 0))
-        by[(method, steps)] = r
-    methods = sorted({m for m, _ in by}, key=lambda m: (m.startswith("teacher"), m))
-    lines = ["| method | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
-             "|---|" + "---|" * len(STEPS)]
-    look: dict[tuple[str, int], tuple] = {}
-    for m in methods:
-        cells = []
-        for s in STEPS:
-            r = by.get((m, s))
-            if r is None:
-                cells.append("-")
-                continue
-            fid = _metric(r, "toy_fid_data", "toy_fid")
-            ali = _metric(r, "alignment")
-            look[(m, s)] = (fid, ali)
-            cells.append(f"{fid:.2f} / {ali:.3f}" if fid is not None and ali is not None else "n/a")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), look
+        if not _is_student(r):
+            continue
+        rec = r.get("recall_data")
+        rec_txt = "–" if rec is None else f"{rec:.3f}" + (f" ({rec / ref_recall:.2f})" if ref_recall else "")
+        lines.append(f"| {r['model']} | {r['steps']} | {r['nfe']:g} | {_f(r.get('toy_fid_teacher'))} | "
+                     f"{_f(r.get('toy_fid_teacher_ratio_tf'), 3)} | {_f(r.get('toy_fid_teacher_ratio_tf_nfe'), 3)} | "
+                     f"{_f(r.get('alignment_delta_tf'), 3)} | {rec_txt} | {_f(r.get('diversity_vs_teacher'), 3)} |")
+    note = (f"The teacher reference (DPM-Solver++ 25 steps, CFG 4) scores recall vs data {_f(ref_recall, 3)}, "
+            f"per-prompt diversity {_f(ref_div, 3)}, alignment {_f(reference.get('alignment'), 3)}.")
+    return "\n".join(lines) + "\n\n" + note
+
+
+def bar_lines(by: dict, best: dict, reference: dict) -> list[str]:
+    """The bars of issue #10 (against the best training-free sampler; alignment and recall against the teacher
+    reference) and the earlier ones, each met / missed / not measured. Compared unrounded, shown to 4 digits."""
+    bars = []
+
+    def check(label, ok):
+        bars.append(f"- {label}: {'not measured' if ok is None else '**met**' if ok else '**missed**'}")
+
+    def get(m, s, key):
+        r = by.get((m, s))
+        return None if r is None or r.get(key) is None else float(r[key])
+
+    def n(v):
+        return "–" if v is None else f"{v:.4g}"
+
+    def best_at(table_key, at):
+        b = best.get(table_key, {}).get(at, {}).get("toy_fid_teacher")
+        return "–" if b is None else f"{b['value']:.4g}, {b['method']}"
+
+    # issue #10: the distilled student must beat the best training-free sampler of the undistilled teacher, by 2x
+    for s in (2, 4):
+        fid = get("tlcm", s, "toy_fid_teacher")
+        ratio, ratio_nfe = get("tlcm", s, "toy_fid_teacher_ratio_tf"), get("tlcm", s, "toy_fid_teacher_ratio_tf_nfe")
+        check(f"tlcm at {s} steps: toy-FID vs teacher <= 0.5x the best training-free sampler at {s} steps "
+              f"({n(fid)} vs {best_at('by_steps', str(s))}; ratio {n(ratio)})", None if ratio is None else ratio <= 0.5)
+        nfe = get("tlcm", s, "nfe")
+        check(f"tlcm at {s} steps: toy-FID vs teacher <= 0.5x the best training-free sampler within its "
+              f"{n(nfe)} network evaluations ({n(fid)} vs {best_at('by_nfe', f'{nfe:g}') if nfe else '–'}; ratio "
+              f"{n(ratio_nfe)})", None if ratio_nfe is None else ratio_nfe <= 0.5)
+        ali, ref_ali = get("tlcm", s, "alignment"), reference.get("alignment")
+        check(f"tlcm at {s} steps: alignment within 0.02 of the teacher at 25 steps ({n(ali)} vs {n(ref_ali)})",
+              None if None in (ali, ref_ali) else ali >= ref_ali - 0.02)
+        rec, ref_rec = get("tlcm", s, "recall_data"), reference.get("recall_data")
+        check(f"tlcm at {s} steps: recall vs data >= 0.9x the teacher's ({n(rec)} vs {n(ref_rec)})",
+              None if None in (rec, ref_rec) else rec >= 0.9 * ref_rec)
+    l_fid, l_ali = get("lcm", 2, "toy_fid_teacher"), get("lcm", 2, "alignment")
+    t_fid, t_ali = get("tlcm", 2, "toy_fid_teacher"), get("tlcm", 2, "alignment")
+    check(f"tlcm beats lcm at 2 steps (toy-FID vs teacher {n(t_fid)} vs {n(l_fid)}, alignment {n(t_ali)} vs "
+          f"{n(l_ali)})", None if None in (l_fid, l_ali, t_fid, t_ali) else (t_fid < l_fid and t_ali > l_ali))
+    ref_fid, t4 = get("teacher / dpmpp / cfg 4", 50, "toy_fid_data"), get("tlcm", 4, "toy_fid_data")
+    check(f"tlcm 4-step toy-FID vs data within 1.3x of the teacher's 50-step toy-FID vs data ({n(t4)} vs "
+          f"{n(ref_fid)})", None if None in (t4, ref_fid) else t4 <= 1.3 * ref_fid)
+    return bars
 
 
 def main() -> int:
@@ -179,53 +249,31 @@ def main() -> int:
                                                        "--set", "checkpointing_steps=0", "--no-progress"),
               out / "lcm-full" / "README.md", log, env)
     few = ["--num-prompts", "32" if args.quick else str(args.num_prompts)]
+    if args.quick:
+        few += ["--diversity", "8x4"]  # the protocol's 32 prompts x 4 seeds would triple a 32-prompt cell
     eval_dir = out / "eval"
-    run_stage("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir), "--no-reference",
-                                   "--lora", f"lcm={out / 'lcm'}", "--lora", f"tlcm={out / 'tlcm'}",
-                                   "--steps", "1,2,3,4,8", "--schedulers", args.schedulers, *few),
+    # one grid: the teacher's solvers (g = 1 and 4), each student, and the teacher with each student's sampler (the
+    # toy protocol adds those baselines); a 4-segment MLCD student walks at most 4 steps, its 8-step cell is skipped
+    run_stage("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir),
+                                   "--lora", f"lcm={out / 'lcm'}", "--lora", f"mlcd={out / 'mlcd'}",
+                                   "--lora", f"tlcm={out / 'tlcm'}", "--steps", "1,2,3,4,8",
+                                   "--schedulers", args.schedulers, *few),
               eval_dir / "results.json", log, env)
-    eval_mlcd = out / "eval-mlcd"  # a 4-segment MLCD student walks at most 4 steps (edge to edge)
-    run_stage("evaluate-mlcd", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_mlcd), "--no-teacher",
-                                        "--no-reference", "--lora", f"mlcd={out / 'mlcd'}", "--steps", "1,2,3,4",
-                                        *few),
-              eval_mlcd / "results.json", log, env)
     eval_ref = out / "eval-teacher50"
     run_stage("evaluate-teacher-50", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_ref),
-                                              "--no-reference", "--schedulers", "dpmpp", "--steps", "50", *few),
+                                              "--no-reference", "--schedulers", "dpmpp", "--steps", "50",
+                                              "--guidance", "4", *few),
               eval_ref / "results.json", log, env)
 
-    rows = _rows(eval_dir / "results.json") + _rows(eval_mlcd / "results.json") + _rows(eval_ref / "results.json")
-    md_table, look = table(rows)
-    bars = []
+    from tlcm.evaluate.baselines import add_ratios, best_training_free
 
-    def check(label, ok):
-        bars.append(f"- {label}: {'**met**' if ok else '**missed**' if ok is not None else 'not measured'}")
-
-    def get(m, s, i):
-        v = look.get((m, s))
-        return None if v is None or v[i] is None else round(float(v[i]), 3)
-
-    # the issue's bar: equal network evaluations (the teacher's CFG costs 2 per step, so N student steps meet N/2
-    # teacher steps); then the stricter equal-steps comparison
-    for s in (2, 4, 8):
-        t_fid, t_ali = get("tlcm", s, 0), get("tlcm", s, 1)
-        d_fid, d_ali = get("teacher-dpmpp", s // 2, 0), get("teacher-dpmpp", s // 2, 1)
-        ok = None if None in (t_fid, t_ali, d_fid, d_ali) else (t_fid < d_fid and t_ali > d_ali)
-        check(f"tlcm ({s} steps) beats teacher DPM-Solver++ at the same {s} network evaluations ({s // 2} CFG steps; "
-              f"toy-FID {t_fid} vs {d_fid}, alignment {t_ali} vs {d_ali})", ok)
-    for s in (2, 4, 8):
-        t_fid, t_ali = get("tlcm", s, 0), get("tlcm", s, 1)
-        d_fid, d_ali = get("teacher-dpmpp", s, 0), get("teacher-dpmpp", s, 1)
-        ok = None if None in (t_fid, t_ali, d_fid, d_ali) else (t_fid < d_fid and t_ali > d_ali)
-        check(f"stricter: tlcm beats teacher DPM-Solver++ at equal steps, {s} (twice the teacher's evaluations; "
-              f"toy-FID {t_fid} vs {d_fid}, alignment {t_ali} vs {d_ali})", ok)
-    l_fid, l_ali, t_fid, t_ali = get("lcm", 2, 0), get("lcm", 2, 1), get("tlcm", 2, 0), get("tlcm", 2, 1)
-    check(f"tlcm beats lcm at 2 steps (toy-FID {t_fid} vs {l_fid}, alignment {t_ali} vs {l_ali})",
-          None if None in (l_fid, l_ali, t_fid, t_ali) else (t_fid < l_fid and t_ali > l_ali))
-    ref_fid = get("teacher-dpmpp", 50, 0)
-    t4 = get("tlcm", 4, 0)
-    check(f"tlcm 4-step toy-FID within 1.3x of the teacher's 50-step toy-FID ({t4} vs {ref_fid})",
-          None if None in (t4, ref_fid) else t4 <= 1.3 * ref_fid)
+    rows = _rows(eval_dir / "results.json") + _rows(eval_ref / "results.json")
+    best = best_training_free(rows)
+    add_ratios(rows, best)
+    reference = (json.loads((eval_dir / "results.json").read_text()).get("reference", {}).get("metrics") or {}
+                 if (eval_dir / "results.json").exists() else {})
+    md_table, by = table(rows, best)
+    bars = bar_lines(by, best, reference)
 
     # measured metrics into each student's model card
     from tlcm.evaluate.report import write_text
@@ -236,9 +284,10 @@ def main() -> int:
         run = out / name
         if not (run / "config.yaml").exists():
             continue
-        label = f"toy-FID vs data / alignment, {few[1]} toy prompts"
-        metrics = {f"{s} steps ({label})": f"{v[0]:.3f} / {v[1]:.3f}"
-                   for (m, s), v in sorted(look.items()) if m == name and None not in v}
+        label = f"toy-FID vs the teacher's samples / alignment, {few[1]} toy prompts"
+        metrics = {f"{s} steps ({label})": f"{r['toy_fid_teacher']:.3f} / {r['alignment']:.3f}"
+                   for (m, s), r in sorted(by.items()) if m == name
+                   and None not in (r.get("toy_fid_teacher"), r.get("alignment"))}
         if metrics:
             card = model_card(resolve_config(config_file=str(run / "config.yaml")), summary_of(run), metrics)
             write_text(run / "README.md", card)
@@ -255,7 +304,7 @@ def main() -> int:
                 f"{s.get('s_per_step')} s/step in the loop" if s else "")
         costs.append(f"| {name} | {wall} | {mem} | {note} |")
     text = "\n".join([
-        "# Toy-world distillation: lcm / mlcd / tlcm students vs the teacher's solvers",
+        "# Toy-world distillation: lcm / mlcd / tlcm students vs the undistilled teacher",
         "",
         f"Date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
         f"{os.cpu_count()} CPU cores visible, torch threads per process {args.threads}, python "
@@ -264,14 +313,18 @@ def main() -> int:
         f"Reproduce: `python benchmarks/distill_toy.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}` "
         "(stages below, each skipped when already done).",
         "",
-        "## Quality (toy-FID vs data, lower is better / alignment, higher is better)",
+        "## Quality (toy-FID vs the teacher's samples, lower is better / alignment, higher is better)",
         "",
         md_table,
         "",
-        "Teacher rows sample with CFG (guidance 4), two network evaluations per step; students sample without CFG,",
-        "one per step. The issue's bars compare at equal network evaluations (student N steps vs teacher N/2",
-        "steps); the equal-steps rows below give the teacher twice the student's evaluations. MLCD (4 segments)",
-        "walks edge to edge and has no 8-step schedule.",
+        "Training-free rows are the undistilled teacher: its solvers with and without CFG (CFG costs two network",
+        "evaluations per step) and `teacher+NAME-sampler`, the teacher sampled with student NAME's own scheduler",
+        "(no LoRA) at g = 1 and 4. **best training-free** is the best of them at each step count, per metric.",
+        "Students sample without CFG. MLCD (4 segments) walks edge to edge and has no 8-step schedule.",
+        "",
+        "## Students against the best training-free sampler",
+        "",
+        student_table(rows, reference),
         "",
         "## Bars",
         "",

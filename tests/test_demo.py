@@ -18,7 +18,7 @@ def tiny_teacher(tmp_path_factory):
 def _cfg(out, teacher, **kw):
     base = dict(out=str(out), teacher=teacher, device="cpu", records=8, synth_steps=1, mlcd_steps=1, tlcm_steps=1,
                 distill_batch=4, baseline_lcm=False, eval_prompts=3, eval_steps=(1, 2), teacher_solvers=("ddim",),
-                teacher_ceiling_steps=3, reference_steps=1, progress=False)
+                teacher_ceiling_steps=3, reference_steps=1, diversity=(2, 2), progress=False)
     base.update(kw)
     return demo.demo_config(True, **base)
 
@@ -27,14 +27,23 @@ def test_demo_end_to_end_then_resume_skips_every_stage(tiny_teacher, tmp_path, m
     out = tmp_path / "demo"
     results = demo.run_demo(_cfg(out, tiny_teacher), log=lambda *_: None)
     cells = {c["cell"] for c in results["cells"]}
-    assert cells == {"teacher__ddim__s1__g4", "teacher__ddim__s2__g4", "teacher3__ddim__s3__g4",
+    # the teacher's solvers with and without CFG, and the teacher with each student's sampler (TLCM and MLCD save
+    # different scheduler configs: two baselines)
+    baselines = {f"teacher+{n}-sampler__tlcm__s{s}__g{g}" for n in ("tlcm", "mlcd") for s in (1, 2) for g in (1, 4)}
+    assert cells == {"teacher__ddim__s1__g1", "teacher__ddim__s2__g1", "teacher__ddim__s1__g4",
+                     "teacher__ddim__s2__g4", "teacher3__ddim__s3__g4", *baselines,
                      "tlcm__tlcm__s1__g1", "tlcm__tlcm__s2__g1", "mlcd__tlcm__s1__g1", "mlcd__tlcm__s2__g1"}
     for c in results["cells"]:
         assert c["nfe"] == c["steps"] * (2 if c["guidance"] > 1 else 1)
+        assert c["role"] == ("baseline" if c["cell"] in baselines else "student" if c["lora"] else "teacher")
+        assert c["diversity_extra_images"] == 2 and "diversity" in c and "recall_teacher" in c
     for name in ("README.md", "overview.png", "results.csv", "results.json", "plots/latency_s.png"):
         assert (out / "report" / name).is_file(), name
     readme = (out / "report" / "README.md").read_text()
     assert "| tlcm | tlcm | 2 | 1 | 2 |" in readme and "| distill tlcm |" in readme
+    assert "| teacher+tlcm-sampler | tlcm | 2 | 1 | 2 |" in readme and "## Training-free" in readme
+    assert "Best training-free sampler at equal steps" in readme
+    assert "toy_fid_teacher ÷ best TF (steps)" in readme
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages) == {"synthesize", "distill mlcd", "distill tlcm", "evaluate"}
 
@@ -55,6 +64,7 @@ def test_quick_is_smaller_with_the_same_stages():
     for key in ("records", "mlcd_steps", "tlcm_steps", "lcm_steps", "eval_prompts"):
         assert getattr(quick, key) < getattr(full, key)
     assert quick.eval_steps == full.eval_steps and quick.teacher_solvers == full.teacher_solvers
+    assert quick.baselines and full.baselines and quick.diversity[0] < full.diversity[0]
     assert demo.demo_config(True, records=5).records == 5
 
 

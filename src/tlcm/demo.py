@@ -8,12 +8,15 @@ resumes where it stopped):
 2. **distill**: an MLCD student (TLCM stage 1, preset ``toy-mlcd``), then the TLCM student (stage 2, preset
    ``toy-tlcm``, initialised from the MLCD LoRA), and an LCM-LoRA baseline (preset ``toy-lcm``), all from the same
    shards (:func:`tlcm.train.loop.distill`).
-3. **evaluate**: the students at 1, 2, 4 and 8 steps with their own schedulers against the teacher with DDIM,
-   DPM-Solver++ and Euler at the same step counts and DDIM at 50 steps, on toy-world captions the students never
-   trained on; toy-FID against rendered data and against the teacher's DPM-Solver++ 25-step samples, prompt
-   alignment, latency, network evaluations, memory (:func:`tlcm.evaluate.sweep.run_sweep`).
-4. **report**: ``OUT/report/`` with README.md (table, timings, the commands), overview.png (samples: rows = method,
-   columns = steps), plots, results.csv.
+3. **evaluate**: the students at 1, 2, 4 and 8 steps with their own schedulers against the training-free rows of
+   the undistilled teacher: DDIM, DPM-Solver++ and Euler at the same step counts with and without CFG, DDIM at 50
+   steps, and the teacher sampled with each student's own scheduler (``teacher+NAME-sampler``, g = 1 and CFG;
+   :mod:`tlcm.evaluate.baselines`), on toy-world captions the students never trained on; toy-FID against rendered
+   data and against the teacher's DPM-Solver++ 25-step samples, prompt alignment, recall, per-prompt diversity,
+   latency, network evaluations, memory (:func:`tlcm.evaluate.sweep.run_sweep`).
+4. **report**: ``OUT/report/`` with README.md (the training-free and student tables, each student against the best
+   training-free sampler, timings, the commands), overview.png (samples: rows = method, columns = steps), plots,
+   results.csv.
 
 ``quick=True`` shrinks every count (records, training steps, evaluation prompts) and keeps the same code path; it is
 the CI smoke test.
@@ -50,6 +53,11 @@ class DemoConfig:
     eval_prompts: int = 256
     eval_steps: tuple[int, ...] = (1, 2, 4, 8)
     teacher_solvers: tuple[str, ...] = ("ddim", "dpmpp", "euler")
+    teacher_without_cfg: bool = True  # the teacher's solvers at g = 1 too (training-free rows)
+    baselines: bool = True  # the teacher with each student's sampler (tlcm.evaluate.baselines)
+    # per-prompt diversity, K prompts x S seeds: K x (S - 1) extra images per cell, +19 % of a 256-prompt cell at 16 x 4
+    # (the evaluate toy protocol's 32 x 4 would add 38 % to the demo's evaluation)
+    diversity: tuple[int, int] | None = (16, 4)
     teacher_ceiling_steps: int = 50
     reference_steps: int = 25
     eval_batch_size: int = 64
@@ -63,7 +71,7 @@ class DemoConfig:
 
 # Sized for 2 CPU cores: the full demo in about 20 minutes, the quick one in under 5 (the CI smoke test).
 QUICK = dict(records=32, synth_steps=8, mlcd_steps=8, tlcm_steps=4, lcm_steps=8, distill_batch=8,
-             eval_prompts=32, teacher_ceiling_steps=25, reference_steps=10)
+             eval_prompts=32, teacher_ceiling_steps=25, reference_steps=10, diversity=(8, 4))
 
 
 def demo_config(quick: bool = False, **overrides) -> DemoConfig:
@@ -139,6 +147,7 @@ def _distill(cfg: DemoConfig, preset: str, data: Path, out: Path, steps: int, ov
 
 
 def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
+    from tlcm.evaluate.baselines import baseline_models
     from tlcm.evaluate.metrics import MetricSpec
     from tlcm.evaluate.prompts import seeds_for
     from tlcm.evaluate.protocols import TOY_EVAL_SEED
@@ -146,21 +155,29 @@ def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
     from tlcm.toy.shapes import prompts as toy_prompts
 
     steps = list(cfg.eval_steps)
+    guidance = sorted({1.0, cfg.guidance}) if cfg.teacher_without_cfg else [cfg.guidance]
     models = [ModelSpec("teacher", cfg.teacher, schedulers=list(cfg.teacher_solvers), steps=steps,
-                        guidance=[cfg.guidance])]
+                        guidance=guidance)]
     if cfg.teacher_ceiling_steps:
         models.append(ModelSpec(f"teacher{cfg.teacher_ceiling_steps}", cfg.teacher, schedulers=["ddim"],
                                 steps=[cfg.teacher_ceiling_steps], guidance=[cfg.guidance]))
+    student_specs = []
     for name, path in students.items():
         g = float(sampling_defaults(str(path)).get("guidance_scale", 1.0))
-        models.append(ModelSpec(name, cfg.teacher, lora=str(path), schedulers=["tlcm"], steps=steps, guidance=[g]))
+        student_specs.append(ModelSpec(name, cfg.teacher, lora=str(path), schedulers=["tlcm"], steps=steps,
+                                       guidance=[g]))
+    if cfg.baselines:
+        models += baseline_models(student_specs, cfg.teacher, [cfg.guidance], taken=[m.name for m in models])
+    models += student_specs
     prompts = toy_prompts(cfg.eval_prompts, seed=TOY_EVAL_SEED, split="train")
     return SweepConfig(
         models=models, prompts=prompts, seeds=seeds_for(len(prompts), TOY_EVAL_SEED), out_dir=str(out),
         batch_size=cfg.eval_batch_size, device=cfg.device,
         reference=ReferenceSpec(model="teacher", scheduler="dpmpp", steps=cfg.reference_steps,
                                 guidance=cfg.guidance, data="toy"),
-        metrics=MetricSpec(toy=True, fid=False, device="cpu"), protocol="toy (demo)",
+        metrics=MetricSpec(toy=True, fid=False, device="cpu",
+                           diversity=tuple(cfg.diversity) if cfg.diversity else None),
+        protocol="toy (demo)",
     )
 
 
@@ -249,14 +266,23 @@ def write_report(out: Path, cfg: DemoConfig, results: dict, stages: dict, total_
         + (f" and an LCM-LoRA baseline ({cfg.lcm_steps} steps)" if cfg.baseline_lcm else "")
         + f", batch {cfg.distill_batch}"
         + f" were distilled. All are evaluated on {results.get('num_prompts')} held-back captions (seed "
-        "10000) against the teacher's own solvers at the same step counts.",
+        "10000) against the training-free rows of the undistilled teacher at the same step counts: its own solvers "
+        "with and without CFG and, as `teacher+NAME-sampler`, the teacher sampled with student NAME's own scheduler "
+        "(no LoRA), the baseline that tells what distillation adds over the sampler.",
         "",
         "Columns: `toy_fid_data` = toy-FID against rendered images of the prompts, `toy_fid_teacher` = toy-FID "
         f"against the teacher's samples ({results.get('reference', {}).get('teacher')}), `alignment` = fraction of "
-        "the prompt's attributes the toy classifier reads back (higher is better; FIDs lower is better). "
+        "the prompt's attributes the toy classifier reads back (higher is better; FIDs lower is better), "
+        "`recall_*` = k-NN manifold recall against the data or the teacher's samples, `diversity` = per-prompt "
+        "feature spread over several seeds (`diversity_vs_teacher`: as a share of the teacher's), `÷ best TF` = "
+        "the student's toy-FID over the best training-free row's at equal steps / within its network evaluations. "
         f"NFE: {results.get('nfe_note')}.",
         "",
-        report.markdown_table(results["cells"]),
+        *report.reference_lines(results),
+        "",
+        report.sectioned_tables(results["cells"], level="##"),
+        "",
+        *([report.BEST_NOTE, "", best] if (best := report.best_training_free_table(results)) else []),
         "",
         "![samples: rows = method, columns = steps](overview.png)",
         "",
@@ -279,7 +305,8 @@ def _fmt_cpu(stage: dict) -> str:
 
 
 def main_table(results: dict) -> str:
-    from tlcm.evaluate.report import markdown_table
+    from tlcm.evaluate.report import best_training_free_table, sectioned_tables
 
-    return markdown_table(results["cells"])
+    best = best_training_free_table(results)
+    return sectioned_tables(results["cells"]) + ("\n\n" + best if best else "")
 

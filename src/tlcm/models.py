@@ -16,18 +16,7 @@ from pathlib import Path
 import torch
 
 from tlcm.errors import TLCMError
-
-STABLE_DIFFUSION_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-"""The DDPM schedule Stable Diffusion 1.x/2.x and SDXL were trained with (their released DDIM/PNDM configs)."""
+from tlcm.sd_config import STABLE_DIFFUSION_SCHEDULER_CONFIG  # noqa: F401  (re-exported: tlcm.models' public name)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

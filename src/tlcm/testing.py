@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised SD1.5-like and SDXL-like pipelines, built offline.
+"""Tiny, randomly initialised SD1.5-, SD2.1- and SDXL-like pipelines, built offline.
 
 The same idea as diffusers' ``get_dummy_components``: real diffusers/transformers classes at toy sizes, seeded, so
 tests (ours and users') exercise the exact code path of a hub checkpoint without downloading one. The CLIP tokenizer
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tlcm.models import STABLE_DIFFUSION_SCHEDULER_CONFIG as SD_SCHEDULER_CONFIG
+from tlcm.sd_config import STABLE_DIFFUSION_SCHEDULER_CONFIG as SD_SCHEDULER_CONFIG
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -30,10 +30,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def tiny_clip_tokenizer(model_max_length: int = 16):
+def tiny_clip_tokenizer(model_max_length: int = 16, pad_token: str = "<|endoftext|>"):
     """A CLIPTokenizer over single bytes (no merges): every character is a token, offline and deterministic.
 
-    Written to a folder and read back with ``from_pretrained``, the path a hub tokenizer takes.
+    Written to a folder and read back with ``from_pretrained``, the path a hub tokenizer takes. SD2.x's tokenizer
+    pads with ``"!"`` instead of the end-of-text token (``pad_token="!"``).
     """
     from transformers import CLIPTokenizer
 
@@ -45,7 +46,7 @@ def tiny_clip_tokenizer(model_max_length: int = 16):
         (Path(tmp) / "tokenizer_config.json").write_text(
             json.dumps({"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer"})
         )
-        return CLIPTokenizer.from_pretrained(tmp, pad_token="<|endoftext|>")
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token)
 
 
 def _clip_config(hidden: int = 32, projection_dim: int = 32, vocab_size: int = 514):
@@ -117,6 +118,55 @@ def tiny_sd15_components(seed: int = 0, time_cond_proj_dim: int | None = None, p
     )
 
 
+def tiny_sd21_components(seed: int = 0, base: bool = False, time_cond_proj_dim: int | None = None):
+    """Components for an SD2.1-like ``StableDiffusionPipeline``, the 768 px v-prediction model at tiny size, or with
+    ``base`` the 512 px epsilon one (SD2.1-base).
+
+    What sets SD2.x apart from SD1.5, kept here: an OpenCLIP-style text encoder (a ``CLIPTextModel`` with ``gelu``,
+    not CLIP-L's ``quick_gelu``) and a tokenizer padding with ``"!"``; attention with linear projections and a head
+    size per block; ``upcast_attention`` (the 768 model's fp16 fix); a DDIM scheduler with ``v_prediction`` (768) or
+    a PNDM one with ``epsilon`` (base); a larger default size than SD1.5 (768 vs 512 there: 48 vs 32 px here).
+    """
+    from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16 if base else 24,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=not base,
+        norm_num_groups=4,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_clip_config())
+    if base:
+        scheduler = PNDMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"},
+                                  skip_prk_steps=True)
+    else:
+        scheduler = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny_clip_tokenizer(pad_token="!"),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+    )
+
+
 def tiny_sdxl_components(seed: int = 0, time_cond_proj_dim: int | None = None, prediction_type: str = "epsilon"):
     """Components for a ``StableDiffusionXLPipeline``: two CLIP encoders, ``text_time`` added conditioning."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
@@ -175,6 +225,16 @@ def tiny_sd15_pipeline(seed: int = 0, **kwargs):
     return StableDiffusionPipeline(**tiny_sd15_components(seed, **kwargs), requires_safety_checker=False)
 
 
+def tiny_sd21_pipeline(seed: int = 0, **kwargs):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**tiny_sd21_components(seed, **kwargs), requires_safety_checker=False)
+
+
+def tiny_sd21_base_pipeline(seed: int = 0, **kwargs):
+    return tiny_sd21_pipeline(seed, base=True, **kwargs)
+
+
 def tiny_sdxl_pipeline(seed: int = 0, **kwargs):
     from diffusers import StableDiffusionXLPipeline
 
@@ -182,8 +242,10 @@ def tiny_sdxl_pipeline(seed: int = 0, **kwargs):
 
 
 def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0, **kwargs) -> Path:
-    """Build a tiny ``sd15`` or ``sdxl`` pipeline and ``save_pretrained`` it to ``path`` (a hub-like folder)."""
-    builders = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}
+    """Build a tiny ``sd15``, ``sd21`` (v-prediction), ``sd21-base`` or ``sdxl`` pipeline and ``save_pretrained`` it
+    to ``path`` (a hub-like folder)."""
+    builders = {"sd15": tiny_sd15_pipeline, "sd21": tiny_sd21_pipeline, "sd21-base": tiny_sd21_base_pipeline,
+                "sdxl": tiny_sdxl_pipeline}
     if kind not in builders:
         raise ValueError(f"kind must be one of {sorted(builders)}, got {kind!r}")
     pipe = builders[kind](seed, **kwargs)

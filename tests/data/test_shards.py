@@ -43,7 +43,7 @@ def test_shuffle_is_deterministic_and_covers_everything(tmp_path):
     assert e0 == a and e1 != e0 and sorted(e1) == list(range(40))
 
 
-@pytest.mark.parametrize("n,per,world", [(12, 3, 2), (10, 3, 2), (10, 3, 3), (7, 7, 2), (23, 3, 4), (40, 3, 4)])
+@pytest.mark.parametrize("n,per,world", [(12, 3, 2), (10, 3, 2), (10, 3, 3), (7, 4, 2), (23, 3, 4), (40, 3, 4)])
 def test_ranks_are_disjoint_complete_and_balanced(tmp_path, n, per, world):
     out, _ = _make(tmp_path, n=n, per=per)
     ds = [open_shards(out, rank=rank, world_size=world, seed=1) for rank in range(world)]
@@ -52,6 +52,13 @@ def test_ranks_are_disjoint_complete_and_balanced(tmp_path, n, per, world):
         assert sorted(i for g in got for i in g) == list(range(n))
         assert max(map(len, got)) - min(map(len, got)) <= 1
         assert [len(g) for g in got] == [len(d) for d in ds]
+
+
+def test_fewer_shards_than_processes_is_a_clear_error(tmp_path):
+    out, _ = _make(tmp_path, n=7, per=4)  # 2 shards
+    assert len(open_shards(out, rank=1, world_size=2)) == 3
+    with pytest.raises(TLCMError, match=r"2 shard\(s\) for 3 processes(.|\n)*--records-per-shard 2 or less"):
+        open_shards(out, rank=0, world_size=3)
 
 
 def test_dataloader_workers_split(tmp_path):

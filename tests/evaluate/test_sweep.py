@@ -110,3 +110,39 @@ def test_markdown_table_formats_missing_values():
     table = report.markdown_table(rows)
     assert "| m | ddim | 1 | 7.5 | 2 | 1.5 | 12.3 |" in table
     assert table.splitlines()[-1] == "| m | ddim | 2 | 7.5 | 4 | – | 20.0 | 50 | – |"
+
+
+def test_prompt_embedding_cache_is_invisible_in_the_images(tiny_sd15_dir):
+    import numpy as np
+
+    from tlcm.evaluate.sweep import PromptEmbeddingCache, generate_images, load_model
+
+    pipe = load_model(ModelSpec("t", str(tiny_sd15_dir)), "cpu", "float32")
+    prompts, seeds = ["a red circle", "a blue box", "a green cross"], [0, 1, 2]
+
+    def images():
+        return np.stack([np.asarray(im) for im in generate_images(pipe, prompts, seeds, 1, 3.0, None, None, 2)])
+
+    plain = images()
+    cache = PromptEmbeddingCache(pipe)
+    first, second = images(), images()
+    assert cache.hits == 2  # the second run's two batches (CFG: prompt and negative encoded in one call)
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+    cache.close()
+    assert "encode_prompt" not in vars(pipe)
+    full = PromptEmbeddingCache(pipe, max_bytes=0)  # over budget: computed every time
+    images(), images()
+    assert full.hits == 0
+    full.close()
+
+
+def test_cached_results_are_tied_to_the_prompt_set(prompt_file, tmp_path):
+    from tlcm.evaluate.sweep import prompt_set_digest
+
+    cfg = config_from_options(out=str(tmp_path / "e"), model="x", prompts=str(prompt_file))
+    same = config_from_options(out=str(tmp_path / "f"), model="x", prompts=str(prompt_file))
+    other_seed = config_from_options(out=str(tmp_path / "e"), model="x", prompts=str(prompt_file), seed=3)
+    fewer = config_from_options(out=str(tmp_path / "e"), model="x", prompts=str(prompt_file), num_prompts=3)
+    assert prompt_set_digest(cfg) == prompt_set_digest(same)
+    assert len({prompt_set_digest(c) for c in (cfg, other_seed, fewer)}) == 3

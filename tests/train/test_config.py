@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_presets_ship_in_package_and_match_repo_configs():
     names = preset_names()
-    assert {f"{m}-{r}" for m in ("toy", "sd15", "sdxl") for r in ("lcm", "mlcd", "tlcm")} <= set(names)
+    assert {f"{m}-{r}" for m in ("toy", "sd15", "sd21", "sdxl") for r in ("lcm", "mlcd", "tlcm")} <= set(names)
     for name in names:
         shipped = (REPO / "src" / "tlcm" / "configs" / f"{name}.yaml").read_text()
         assert (REPO / "configs" / f"{name}.yaml").read_text() == shipped, name
@@ -132,3 +132,12 @@ def test_cli_missing_shards_exit_code(tmp_path, capsys):
 
     rc = main(["distill", "--preset", "toy-lcm", "--data", str(tmp_path / "none"), "--output-dir", str(tmp_path)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_set_keeps_yaml_boolean_words_as_strings_for_string_keys():
+    from tlcm.train.config import apply_mapping
+
+    assert resolve_config(overrides=["mixed_precision=no"]).mixed_precision == "no"  # not YAML's False
+    assert resolve_config(overrides=["gradient_checkpointing=no"]).gradient_checkpointing is False
+    with pytest.raises(TLCMError, match="quote the value"):
+        apply_mapping(DistillConfig(), {"mixed_precision": False})  # `mixed_precision: no` unquoted in a YAML file

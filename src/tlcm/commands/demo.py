@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=int, help="synthetic records (default 1024; quick 64)")
     p.add_argument("--eval-prompts", type=int, dest="eval_prompts", help="evaluation prompts (default 256; quick 32)")
     p.add_argument("--no-lcm", action="store_true", help="skip the LCM-LoRA baseline")
+    p.add_argument("--no-baselines", action="store_true", help="skip the undistilled teacher sampled with each "
+                   "student's scheduler (teacher+NAME-sampler rows; faster, but nothing then shows what distillation "
+                   "adds over the sampler)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: robust on shared machines; 2 on an "
                    "idle 2-core machine is faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = demo_config(args.quick, out=args.out, teacher=args.teacher, device=args.device, records=args.records,
                       eval_prompts=args.eval_prompts, baseline_lcm=False if args.no_lcm else None,
+                      baselines=False if args.no_baselines else None,
                       threads=args.threads, progress=False if args.no_progress else None)
     results = run_demo(cfg)
     print(main_table(results))

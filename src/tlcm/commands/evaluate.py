@@ -27,7 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", help="teacher guidance scales (default 7.5; toy 4)")
     g.add_argument("--student-guidance", help="student guidance scales (default: the LoRA's tlcm_sampling.json, "
                    "else 1 = no CFG)")
-    g.add_argument("--no-teacher", action="store_true", help="evaluate only the LoRAs")
+    g.add_argument("--no-teacher", action="store_true", help="drop the teacher's own solver cells")
+    g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the undistilled teacher sampled with each student's own scheduler (teacher+NAME-sampler,"
+                   " at guidance 1 and the teacher's), the training-free baseline every student is compared with "
+                   "(default: on for the toy protocol)")
     g.add_argument("--timestep-spacing", default="trailing", choices=["trailing", "leading", "linspace"],
                    help="timestep spacing of ddim/dpmpp/euler (default trailing: 1 step starts at t=999)")
     pr = p.add_argument_group("prompts")
@@ -44,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--reference-guidance", type=float, help="guidance of the reference samples")
     r.add_argument("--no-reference", action="store_true", help="skip the teacher reference (no *_teacher metrics)")
     r.add_argument("--reference-images", help="folder of real images for FID against data (e.g. COCO val2017)")
+    r.add_argument("--diversity", metavar="KxS", help="per-prompt diversity of K prompts x S seeds, e.g. 32x4 "
+                   "(default: 32x4 for the toy protocol; extra images per cell: K x (S-1) at most)")
+    r.add_argument("--no-diversity", action="store_true", help="skip per-prompt diversity (no extra images)")
     r.add_argument("--inception-weights", help="TorchScript inception-2015-12-05.pt (clean-fid/StyleGAN2-ADA)")
     r.add_argument("--clip-model", help="CLIPModel folder or cached hub id for CLIP score")
     r.add_argument("--aesthetic-weights", help="LAION aesthetic predictor .pth (e.g. sac+logos+ava1-l14-linearMSE)")
@@ -75,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
                   f"cfg {cfg.reference.guidance:g}")
         return 0
     results = run_sweep(cfg)
-    from tlcm.evaluate.report import markdown_table
+    from tlcm.evaluate.report import best_training_free_table, sectioned_tables
 
-    print(markdown_table(results["cells"]))
+    print(sectioned_tables(results["cells"]))
+    best = best_training_free_table(results)
+    if best:
+        print("\n" + best)
     for note in results["notices"]:
         print(f"notice: {note}")
     print(f"report: {cfg.out_dir}/results.md")

@@ -338,6 +338,14 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
+        shards = len(self.manifest["shards"])
+        if shards < self.world_size:  # each process reads its own shards; fewer would share files and I/O
+            per = max(1, self.manifest["num_records"] // self.world_size)
+            raise TLCMError(
+                f"dataset {self.root} has {shards} shard(s) for {self.world_size} processes: each process needs at "
+                "least one shard of its own",
+                f"re-run `tlcm synthesize` (or encode-images) with --records-per-shard {per} or less, or train on at "
+                f"most {shards} process(es)")
         self.buffer_size = buffer_size
         self.epoch = 0
         self._verified: set[str] = set()
@@ -448,6 +456,7 @@ def open_shards(path: str | Path, *, shuffle: bool = True, seed: int = 0, rank: 
     Records are split across processes (``rank``/``world_size``, by default from ``torch.distributed``) and
     DataLoader workers: by shard (full shards dealt round-robin) then by record (the few shards left over are
     shared, their records dealt by index), so every reader sees disjoint records and counts differ by at most one.
+    A dataset with fewer shards than processes is a :class:`TLCMError` (each process must own at least one shard).
     With ``shuffle`` the shard order is permuted and records pass a ``buffer_size`` shuffle buffer that
     spans shards, deterministically in ``(seed, epoch)``; the epoch advances after each full pass (or set it with
     ``set_epoch``). ``infinite`` repeats epochs forever. ``verify`` checks each shard's sha256 on its first read

@@ -12,6 +12,9 @@ Plugins and what they report:
 - :class:`InceptionFID` (real models): ``fid_data`` and ``fid_teacher`` from the 2048-d pool features of the standard
   TorchScript Inception-v3 (``inception-2015-12-05.pt``, the file clean-fid and StyleGAN2-ADA use). Nothing is
   downloaded: the user passes the file, or it is found in ``$TLCM_CACHE`` / ``~/.cache/tlcm`` / ``~/.cache/clean-fid``.
+- Both feature metrics also report k-NN ``precision_*`` / ``recall_*`` against data and teacher and, when the sweep
+  plans it, per-prompt ``diversity`` and ``diversity_vs_teacher`` (:mod:`tlcm.evaluate.diversity`); the Inception
+  versions carry an ``inception_`` prefix.
 - :class:`ClipScore`: ``clip_score``, ``100 * max(cos(image, text), 0)`` averaged (the torchmetrics convention, the
   one papers report), with any transformers ``CLIPModel`` from a local folder or an already-cached hub id.
 - :class:`AestheticScore`: ``aesthetic``, the LAION aesthetic predictor (an MLP over L2-normalised CLIP image
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from tlcm.errors import TLCMError
+from tlcm.evaluate.diversity import knn_precision_recall, per_prompt_diversity
 from tlcm.math.frechet import frechet_distance_from_features
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -63,6 +67,10 @@ class Reference:
     teacher_images: list | None = None
     teacher_label: str | None = None
     notes: list[str] = field(default_factory=list)
+    # per-prompt diversity: index groups into images + extra images (tlcm.evaluate.diversity.plan_diversity), and the
+    # teacher's samples for the extra (prompt, seed) pairs
+    diversity_groups: tuple[tuple[int, ...], ...] | None = None
+    teacher_extra_images: list | None = None
 
 
 class Metric:
@@ -78,22 +86,43 @@ class Metric:
     def compute(self, images, prompts: Sequence[str]) -> dict[str, float]:
         raise NotImplementedError
 
+    def score(self, images, prompts: Sequence[str], extra_images=()) -> dict[str, float]:
+        """What the sweep calls: :meth:`compute`, plus what needs the extra diversity images (if the metric can)."""
+        return self.compute(images, prompts)
+
+    def reference_metrics(self) -> dict[str, float]:
+        """The teacher reference's own scores (e.g. its alignment, recall and diversity), after :meth:`prepare`."""
+        return {}
+
 
 def _fd(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     return frechet_distance_from_features(a, b)
 
 
 class FeatureFID(Metric):
-    """Frechet distances against data and teacher features for any ``features(images) -> (N, D)`` extractor."""
+    """For any ``features(images) -> (N, D)`` extractor: Frechet distances against data and teacher features, k-NN
+    precision/recall against both (``recall``), and per-prompt diversity (``diversity``; needs the reference's
+    ``diversity_groups``), see :mod:`tlcm.evaluate.diversity`."""
 
     prefix = "fid"
+    tag = ""  # prefix of the precision / recall / diversity keys
 
-    def __init__(self):
+    def __init__(self, recall: bool = True, diversity: bool = True):
         self._ref: dict[str, torch.Tensor] = {}
+        self.recall = recall
+        self.diversity = diversity
+        self._groups = None
+        self._ref_diversity: float | None = None
+        self._ref_metrics: dict[str, float] = {}
 
     @property
     def names(self):
-        return (f"{self.prefix}_data", f"{self.prefix}_teacher")
+        names = [f"{self.prefix}_data", f"{self.prefix}_teacher"]
+        if self.recall:
+            names += [f"{self.tag}{pr}_{key}" for key in ("data", "teacher") for pr in ("precision", "recall")]
+        if self.diversity:
+            names += [f"{self.tag}diversity", f"{self.tag}diversity_vs_teacher"]
+        return tuple(names)
 
     def features(self, images) -> torch.Tensor:
         raise NotImplementedError
@@ -101,6 +130,8 @@ class FeatureFID(Metric):
     def prepare(self, reference: Reference) -> list[str]:
         notices = []
         self._ref = {}
+        self._ref_metrics = {}
+        self._ref_diversity = None
         for key, imgs in (("data", reference.data_images), ("teacher", reference.teacher_images)):
             if imgs is None or len(imgs) == 0:
                 notices.append(f"{self.prefix}_{key} skipped: no {key} reference images")
@@ -109,16 +140,49 @@ class FeatureFID(Metric):
                 notices.append(f"{self.prefix}_{key} skipped: a Frechet distance needs at least 2 reference images")
                 continue
             self._ref[key] = self.features(imgs)
+        self._groups = reference.diversity_groups if self.diversity else None
+        teacher = self._ref.get("teacher")
+        if teacher is not None:
+            if "data" in self._ref:
+                self._ref_metrics[f"{self.prefix}_data"] = _fd(teacher, self._ref["data"])
+                if self.recall:
+                    p, r = knn_precision_recall(self._ref["data"], teacher)
+                    self._ref_metrics.update({f"{self.tag}precision_data": p, f"{self.tag}recall_data": r})
+            if self._groups:
+                extra = reference.teacher_extra_images
+                feats = torch.cat([teacher, self.features(extra)]) if extra is not None and len(extra) else teacher
+                self._ref_diversity = per_prompt_diversity(feats, self._groups)
+                self._ref_metrics[f"{self.tag}diversity"] = self._ref_diversity
         return notices
 
     def compute(self, images, prompts):
+        return self._scores(self.features(images) if len(images) >= 2 else None)
+
+    def _scores(self, feats) -> dict[str, float]:
         out = {}
-        if len(images) < 2:
+        if feats is None:
             return out
-        feats = self.features(images)
         for key, ref in self._ref.items():
             out[f"{self.prefix}_{key}"] = _fd(feats, ref)
+        if self.recall:
+            for key, ref in self._ref.items():
+                p, r = knn_precision_recall(ref, feats)
+                out[f"{self.tag}precision_{key}"], out[f"{self.tag}recall_{key}"] = p, r
         return out
+
+    def score(self, images, prompts, extra_images=()):
+        feats = self.features(images) if len(images) >= 2 else None
+        out = self._scores(feats)
+        if self._groups and feats is not None:
+            all_feats = torch.cat([feats, self.features(extra_images)]) if len(extra_images) else feats
+            div = per_prompt_diversity(all_feats, self._groups)
+            out[f"{self.tag}diversity"] = div
+            if self._ref_diversity:
+                out[f"{self.tag}diversity_vs_teacher"] = div / self._ref_diversity
+        return out
+
+    def reference_metrics(self) -> dict[str, float]:
+        return dict(self._ref_metrics)
 
 
 class ToyWorldMetrics(FeatureFID):
@@ -127,8 +191,8 @@ class ToyWorldMetrics(FeatureFID):
     name = "toy"
     prefix = "toy_fid"
 
-    def __init__(self, toy_metrics=None):
-        super().__init__()
+    def __init__(self, toy_metrics=None, recall: bool = True, diversity: bool = True):
+        super().__init__(recall, diversity)
         if toy_metrics is None:
             try:
                 from tlcm.toy.metrics import ToyMetrics
@@ -150,7 +214,19 @@ class ToyWorldMetrics(FeatureFID):
             return torch.as_tensor(self.toy.features(to_tensor(images))).float()
 
     def compute(self, images, prompts):
-        out = super().compute(images, prompts)
+        return {**super().compute(images, prompts), **self._alignment(images, prompts)}
+
+    def score(self, images, prompts, extra_images=()):
+        return {**super().score(images, prompts, extra_images), **self._alignment(images, prompts)}
+
+    def prepare(self, reference: Reference) -> list[str]:
+        notices = super().prepare(reference)
+        if reference.teacher_images is not None and len(reference.teacher_images):
+            self._ref_metrics.update(self._alignment(reference.teacher_images, reference.prompts))
+        return notices
+
+    def _alignment(self, images, prompts) -> dict[str, float]:
+        out = {}
         with torch.no_grad():
             align = self.toy.alignment(to_tensor(images), list(prompts))
         if isinstance(align, dict):  # a per-attribute breakdown: report the mean and each part
@@ -197,10 +273,11 @@ class InceptionFID(FeatureFID):
 
     name = "fid"
     prefix = "fid"
+    tag = "inception_"
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 64):
-        super().__init__()
+                 batch_size: int = 64, recall: bool = True, diversity: bool = True):
+        super().__init__(recall, diversity)
         path = find_inception_weights(weights)
         if path is None:
             raise MetricUnavailable(
@@ -366,6 +443,8 @@ class MetricSpec:
     aesthetic_weights: str | None = None
     aesthetic_clip: str | None = None
     device: str = "cpu"
+    recall: bool = True  # k-NN precision/recall of the feature metrics (toy classifier, Inception)
+    diversity: tuple[int, int] | None = None  # (K prompts, S seeds): per-prompt diversity of the feature metrics
 
 
 def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
@@ -382,10 +461,11 @@ def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
         except MetricUnavailable as why:
             notices.append(str(why))
 
+    div = bool(spec.diversity)
     if spec.toy:
-        attempt(ToyWorldMetrics)
+        attempt(lambda: ToyWorldMetrics(recall=spec.recall, diversity=div))
     if spec.fid:
-        attempt(lambda: InceptionFID(spec.inception_weights, spec.device))
+        attempt(lambda: InceptionFID(spec.inception_weights, spec.device, recall=spec.recall, diversity=div))
     clip_pair = None
     if spec.clip_model:
         try:

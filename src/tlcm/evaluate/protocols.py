@@ -3,8 +3,11 @@
 ``toy``
     The embedded toy world on a CPU: the shipped toy teacher, toy-world captions (``tlcm.toy.shapes.prompts``,
     256 prompts of the ``train`` split drawn with seed 10000, i.e. not the distillation prompts), 32x32 images, metrics
-    toy-FID against rendered data and against the teacher's DPM-Solver++ 25-step samples, and attribute alignment.
-    Teacher solvers DDIM, DPM-Solver++ and Euler at 1, 2, 4, 8 steps; students at 1, 2, 4, 8 steps.
+    toy-FID against rendered data and against the teacher's DPM-Solver++ 25-step samples, attribute alignment, k-NN
+    precision/recall, and per-prompt diversity (32 prompts x 4 seeds). Teacher solvers DDIM, DPM-Solver++ and Euler
+    at 1, 2, 4, 8 steps with and without CFG (guidance 1 and 4); students at 1, 2, 4, 8 steps; and for each student
+    the undistilled teacher sampled with that student's scheduler (``teacher+NAME-sampler``, guidance 1 and 4: see
+    :mod:`tlcm.evaluate.baselines`).
 
 ``coco2017-5k-sdxl``
     The setting of the TLCM paper's tables (SDXL, MSCOCO-2017 5K). The user supplies the captions file
@@ -47,6 +50,8 @@ class Protocol:
     needs_prompt_file: bool = False
     clip_model: str | None = None
     aesthetic_clip: str | None = None
+    baselines: bool = False  # the undistilled teacher with each student's sampler (tlcm.evaluate.baselines)
+    diversity: tuple[int, int] | None = None  # per-prompt diversity: K prompts x S seeds
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -55,9 +60,9 @@ TOY_EVAL_SEED = 10_000
 PROTOCOLS = {
     "toy": Protocol(
         name="toy", base="toy", num_prompts=256, seed=TOY_EVAL_SEED, steps=(1, 2, 4, 8),
-        teacher_schedulers=("ddim", "dpmpp", "euler"), teacher_steps=(1, 2, 4, 8), teacher_guidance=(4.0,),
+        teacher_schedulers=("ddim", "dpmpp", "euler"), teacher_steps=(1, 2, 4, 8), teacher_guidance=(1.0, 4.0),
         student_schedulers=("tlcm",), student_guidance=(1.0,), reference=("dpmpp", 25, 4.0), batch_size=64,
-        toy=True,
+        toy=True, baselines=True, diversity=(32, 4),
     ),
     "coco2017-5k-sdxl": Protocol(
         name="coco2017-5k-sdxl", base="stabilityai/stable-diffusion-xl-base-1.0", num_prompts=5000, seed=0,
@@ -89,6 +94,24 @@ def parse_list(text, cast, what: str) -> list:
         return [cast(t) for t in str(text).split(",") if t.strip()]
     except ValueError as err:
         raise TLCMError(f"bad {what} list {text!r}", f"write a comma-separated list, e.g. --{what} 1,2,4") from err
+
+
+def parse_diversity(text) -> tuple[int, int] | None:
+    """``KxS`` (K prompts, S seeds each), e.g. ``32x4``; ``off``/``0``/``none`` -> ``None``."""
+    if text is None or isinstance(text, tuple):
+        return text
+    t = str(text).strip().lower()
+    if t in ("off", "0", "none", "no"):
+        return None
+    k, sep, n = t.partition("x")
+    try:
+        k_i, n_i = int(k), int(n)
+    except ValueError:
+        k_i = n_i = -1
+    if not sep or k_i < 1 or n_i < 2:
+        raise TLCMError(f"bad --diversity {text!r}", "write KxS with K >= 1 prompts and S >= 2 seeds, e.g. 32x4, "
+                        "or --no-diversity")
+    return k_i, n_i
 
 
 def parse_lora(text: str) -> tuple[str, str, float]:
@@ -140,9 +163,17 @@ def config_from_options(
     aesthetic_clip: str | None = None,
     timestep_spacing: str = "trailing",
     resume: bool = True,
+    baselines: bool | None = None,
+    diversity=None,
+    no_diversity: bool = False,
     **_ignored,
 ) -> SweepConfig:
-    """Resolve a protocol plus explicit options (explicit wins) into a sweep configuration."""
+    """Resolve a protocol plus explicit options (explicit wins) into a sweep configuration.
+
+    ``baselines``: add the undistilled teacher with each student's sampler (default: the protocol's choice, on for
+    ``toy``). ``diversity``: ``KxS`` for per-prompt diversity (default: the protocol's, ``32x4`` for ``toy``);
+    ``no_diversity`` turns it off.
+    """
     proto = get_protocol(protocol if protocol else ("toy" if model == "toy" else None))
     base = model or (proto.base if proto else None)
     if not base:
@@ -175,21 +206,28 @@ def config_from_options(
     models: list[ModelSpec] = []
     if not no_teacher:
         models.append(ModelSpec("teacher", base, schedulers=t_sched, steps=t_steps, guidance=t_guid))
+    students: list[ModelSpec] = []
     for item in lora or []:
         name, path, weight = parse_lora(item)
         sg = parse_list(student_guidance, float, "student-guidance")
         if sg is None:
             saved = sampling_defaults(path).get("guidance_scale")
             sg = [float(saved)] if saved is not None else list(proto.student_guidance if proto else (1.0,))
-        models.append(ModelSpec(name, base, lora=path, lora_weight=weight, schedulers=s_sched, steps=st,
-                                guidance=sg))
+        students.append(ModelSpec(name, base, lora=path, lora_weight=weight, schedulers=s_sched, steps=st,
+                                  guidance=sg))
+    use_baselines = baselines if baselines is not None else bool(proto and proto.baselines)
+    if use_baselines and students:
+        from tlcm.evaluate.baselines import baseline_models
+
+        models += baseline_models(students, base, t_guid, taken=[m.name for m in models])
+    models += students
     if not models:
         raise TLCMError("nothing to evaluate: --no-teacher and no --lora", "add --lora NAME=DIR or drop --no-teacher")
 
     # reference and metrics
     ref = ReferenceSpec(data="toy" if toy_world else reference_images)
     if not no_reference:
-        r_sched, r_steps, r_guid = proto.reference if proto else ("dpmpp", 25, t_guid[0])
+        r_sched, r_steps, r_guid = proto.reference if proto else ("dpmpp", 25, max(t_guid))
         if reference_solver:
             r_sched, _, n = reference_solver.partition(":")
             try:
@@ -209,6 +247,8 @@ def config_from_options(
         aesthetic_weights=aesthetic_weights,
         aesthetic_clip=aesthetic_clip or (proto.aesthetic_clip if proto else None),
         device=device,
+        diversity=None if no_diversity else (parse_diversity(diversity) if diversity is not None
+                                             else (proto.diversity if proto else None)),
     )
     return SweepConfig(
         models=models,

@@ -7,10 +7,13 @@ Layout of an evaluation folder::
 
     results.json      everything: per-cell rows, notices, reference, machine, protocol
     results.csv       one row per cell
-    results.md        the markdown table (also printed by ``tlcm evaluate``)
+    results.md        the markdown tables (training-free rows, then students; also printed by ``tlcm evaluate``), the
+                      best training-free sampler per step count and NFE budget, and each student's ratio to it
     grids/<cell>.png  the first images of each cell
     overview.png      rows = method, columns = steps: the first images of every cell side by side
-    plots/<metric>.png metric vs steps, one line per method (model / scheduler / guidance)
+    plots/<metric>.png metric vs steps, one line per method (model / scheduler / guidance): students solid, the
+                      teacher's solvers dotted, baselines (teacher + a student's sampler) dashed, and the best
+                      training-free value per step count as a thick grey line
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ from pathlib import Path
 import numpy as np
 
 # Columns that are bookkeeping, not quality metrics.
-INFO_KEYS = ("cell", "model", "scheduler", "steps", "guidance", "unet_calls", "cfg_factor", "nfe", "num_images",
-             "latency_s", "images_per_s", "wall_s", "peak_mem_mb", "peak_mem_kind", "lora", "lora_sampling")
+INFO_KEYS = ("cell", "model", "role", "scheduler", "steps", "guidance", "unet_calls", "cfg_factor", "nfe",
+             "num_images", "latency_s", "images_per_s", "wall_s", "encode_cached_s", "peak_mem_mb", "peak_mem_kind",
+             "lora", "scheduler_from", "baseline_of", "diversity_extra_images", "diversity_extra_s", "prompt_set",
+             "lora_sampling", "scheduler_config")
+CSV_SKIP = ("lora_sampling", "scheduler_config")
 # Lower is better for these; higher for the rest.
 LOWER_IS_BETTER = ("fid", "toy_fid")
+# Ratios to the best training-free sampler (tlcm.evaluate.baselines): derived columns, not metrics of their own.
+DERIVED_SUFFIXES = ("_ratio_tf", "_ratio_tf_nfe", "_delta_tf", "_delta_tf_nfe")
+# Computed and kept in results.json/.csv, left out of the markdown tables to keep them readable.
+MD_HIDDEN_PREFIXES = ("precision_", "inception_precision_")
+ROLE_STYLE = {"teacher": ":", "baseline": "--", "student": "-"}
+ROLE_TITLE = {"training-free": "Training-free: the undistilled teacher (its solvers, and each student's sampler)",
+              "student": "Distilled students"}
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
@@ -117,9 +130,22 @@ def metric_keys(rows: list[dict]) -> list[str]:
     keys: list[str] = []
     for r in rows:
         for k, v in r.items():
-            if k not in INFO_KEYS and k not in keys and isinstance(v, (int, float)):
+            if (k not in INFO_KEYS and k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and not k.endswith(DERIVED_SUFFIXES)):
                 keys.append(k)
     return keys
+
+
+def derived_keys(rows: list[dict]) -> list[str]:
+    """Ratio/delta-to-best-training-free columns present in ``rows``, in first-seen order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k.endswith(DERIVED_SUFFIXES) and k not in keys]
+    return keys
+
+
+def role_of(row: dict) -> str:
+    return row.get("role") or ("student" if row.get("lora") else "teacher")
 
 
 def method_of(row: dict) -> str:
@@ -147,9 +173,23 @@ TABLE_INFO = (("model", "model"), ("scheduler", "scheduler"), ("steps", "steps")
 TABLE_COST = (("latency_s", "ms/img"), ("images_per_s", "img/s"), ("peak_mem_mb", "peak MB"))
 
 
-def markdown_table(rows: list[dict]) -> str:
-    keys = metric_keys(rows)
-    cols = [*TABLE_INFO, *((k, k) for k in keys), *TABLE_COST]
+def _ratio_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The primary FID's ratio to the best training-free sampler, at equal steps and within the NFE budget."""
+    from tlcm.evaluate.baselines import primary_key
+
+    key = primary_key(rows)
+    if key is None:
+        return []
+    cols = [(f"{key}_ratio_tf", f"{key} ÷ best TF (steps)"), (f"{key}_ratio_tf_nfe", f"{key} ÷ best TF (NFE)")]
+    return [c for c in cols if any(c[0] in r for r in rows)]
+
+
+def markdown_table(rows: list[dict], columns_from: list[dict] | None = None) -> str:
+    """One table of ``rows``; the columns come from ``columns_from`` (default ``rows``), so that tables of a split
+    result share their columns."""
+    basis = columns_from if columns_from is not None else rows
+    keys = [k for k in metric_keys(basis) if not k.startswith(MD_HIDDEN_PREFIXES)]
+    cols = [*TABLE_INFO, *((k, k) for k in keys), *_ratio_columns(basis), *TABLE_COST]
     lines = ["| " + " | ".join(title for _, title in cols) + " |",
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
     for r in rows:
@@ -157,41 +197,133 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sectioned_tables(rows: list[dict], level: str = "###") -> str:
+    """The training-free rows (teacher solvers, then baselines) and the students as two tables with one header."""
+    free = [r for r in rows if role_of(r) != "student"]
+    students = [r for r in rows if role_of(r) == "student"]
+    if not free or not students:
+        return markdown_table(rows)
+    free.sort(key=lambda r: role_of(r) == "baseline")  # stable: teacher solvers first, then baselines
+    return "\n".join([f"{level} {ROLE_TITLE['training-free']}", "", markdown_table(free, rows), "",
+                      f"{level} {ROLE_TITLE['student']}", "", markdown_table(students, rows)])
+
+
+def best_training_free_table(results: dict) -> str:
+    """Per step count and per NFE budget: the best training-free row for the primary FID and for alignment (or the
+    first higher-is-better metric), and each student's ratio (×) / difference (±) to it. Empty when there are no
+    students or no training-free rows."""
+    from tlcm.evaluate.baselines import HIGHER_BETTER, nfe_key
+
+    best = results.get("training_free_best") or {}
+    students = [r for r in results.get("cells", []) if role_of(r) == "student"]
+    fid = best.get("primary")
+    high = next((k for k in HIGHER_BETTER if k in best.get("keys", [])), None)
+    metrics = [k for k in (fid, high) if k]
+    if not students or not metrics:
+        return ""
+    names = list(dict.fromkeys(r["model"] for r in students))
+    several_g = {n: len({r["guidance"] for r in students if r["model"] == n}) > 1 for n in names}
+
+    def fmt_best(b) -> str:
+        if b is None:
+            return "–"
+        plural = "s" if int(b["steps"]) != 1 else ""
+        return f"{_fmt(b['value'])} ({b['method']}, {b['steps']} step{plural}, NFE {_fmt(b['nfe'])})"
+
+    def standing(r, suffix) -> str:
+        parts = []
+        if fid and f"{fid}_ratio_tf{suffix}" in r:
+            parts.append(f"×{_fmt(r[f'{fid}_ratio_tf{suffix}'])}")
+        if high and f"{high}_delta_tf{suffix}" in r:
+            parts.append(f"{r[f'{high}_delta_tf{suffix}']:+.3f}")
+        return " / ".join(parts) + (f" (cfg {r['guidance']:g})" if several_g[r["model"]] else "")
+
+    what = " / ".join(x for x in (f"{fid} ÷ best (×)" if fid else "", f"{high} − best (±)" if high else "") if x)
+    sections = (("steps", "at equal steps", best.get("by_steps", {}), "", lambda r: str(int(r["steps"]))),
+                ("NFE budget", "within each student's NFE budget (training-free rows with NFE <= the student's)",
+                 best.get("by_nfe", {}), "_nfe", lambda r: nfe_key(float(r["nfe"]))))
+    out = []
+    for column, title, table, suffix, key_of in sections:
+        keys = [k for k in table if any(key_of(r) == k for r in students)]
+        if not keys:
+            continue
+        out += [f"Best training-free sampler {title}; students: {what}.", "",
+                f"| {column} | " + " | ".join(f"best {m}" for m in metrics) + " | " + " | ".join(names) + " |",
+                "|---:|" + "---|" * (len(metrics) + len(names))]
+        for k in keys:
+            cells = [fmt_best(table[k].get(m)) for m in metrics]
+            for n in names:
+                mine = [standing(r, suffix) for r in students if r["model"] == n and key_of(r) == k]
+                cells.append(", ".join(mine) or "–")
+            out.append(f"| {k} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return ";".join(map(str, v))
+    return v
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = [k for k in INFO_KEYS if k != "lora_sampling" and any(k in r for r in rows)] + metric_keys(rows)
+    keys = [k for k in INFO_KEYS if k not in CSV_SKIP and any(k in r for r in rows)] + metric_keys(rows) \
+        + derived_keys(rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+        w.writerow({k: _csv_value(r.get(k)) for k in keys})
     write_text(path, buf.getvalue())
 
 
 def _direction(key: str) -> str:
+    if "diversity" in key:
+        return "the teacher's value is the target"
     return "lower is better" if key.startswith(LOWER_IS_BETTER) else "higher is better"
 
 
-def plot_metric(path: Path, rows: list[dict], key: str) -> bool:
-    """Metric vs steps, one line per method; ``False`` when no row has the metric."""
+def plot_metric(path: Path, rows: list[dict], key: str, best: dict | None = None) -> bool:
+    """Metric vs steps, one line per method (line style by role: see the module docstring), and the best
+    training-free value per step count when ``best`` (``results["training_free_best"]``) ranks ``key``;
+    ``False`` when no row has the metric."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     lines: dict[str, list[tuple[int, float]]] = {}
+    roles: dict[str, str] = {}
     for r in rows:
         v = r.get(key)
         if isinstance(v, (int, float)) and math.isfinite(v):
             lines.setdefault(method_of(r), []).append((int(r["steps"]), float(v)))
+            roles[method_of(r)] = role_of(r)
     if not lines:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.6, 4.4), dpi=100)  # wide: the legend sits to the right of the axes
+    # students in strong colours (tab10), the many training-free rows in muted ones (tab20b)
+    palettes = {"student": plt.get_cmap("tab10").colors, "free": plt.get_cmap("tab20b").colors}
+    used = {"student": 0, "free": 0}
     all_steps = set()
     for name, pts in lines.items():
         pts.sort()
         all_steps.update(s for s, _ in pts)
-        style = "o-" if len(pts) > 1 else "s"
-        ax.plot([s for s, _ in pts], [v for _, v in pts], style, label=name, markersize=4)
+        group = "student" if roles[name] == "student" else "free"
+        color = palettes[group][used[group] % len(palettes[group])]
+        used[group] += 1
+        style = ("o" + ROLE_STYLE.get(roles[name], "-")) if len(pts) > 1 else "s"
+        ax.plot([s for s, _ in pts], [v for _, v in pts], style, label=name, markersize=4, color=color,
+                linewidth=1.0 if group == "free" else 1.8)
+    values = [v for pts in lines.values() for _, v in pts]
+    if key.startswith(LOWER_IS_BETTER) and min(values) > 0 and max(values) > 20 * min(values):
+        ax.set_yscale("log")  # FIDs span orders of magnitude between 1-step and 8-step rows
+    envelope = sorted((int(s), b[key]["value"]) for s, b in (best or {}).get("by_steps", {}).items() if key in b)
+    if len(envelope) > 1:
+        ax.plot([s for s, _ in envelope], [v for _, v in envelope], "-", color="grey", alpha=0.35, linewidth=5,
+                label="best training-free", zorder=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(all_steps))
     ax.set_xticklabels([str(s) for s in sorted(all_steps)])
@@ -199,7 +331,7 @@ def plot_metric(path: Path, rows: list[dict], key: str) -> bool:
     ax.set_ylabel(key)
     ax.set_title(f"{key} vs steps ({_direction(key)})")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -209,12 +341,16 @@ def plot_metric(path: Path, rows: list[dict], key: str) -> bool:
 
 
 def overview_image(out: Path, rows: list[dict], per_cell: int = 4):
-    """Rows = methods, columns = step counts; each tile shows the cell's first ``per_cell`` images, labelled."""
+    """Rows = methods, columns = step counts; each tile shows the cell's first ``per_cell`` images, labelled.
+    Training-free rows come first, labelled in grey with a "training-free" tag; a line separates the students."""
     from PIL import Image, ImageDraw
 
+    rows = sorted(rows, key=lambda r: role_of(r) == "student")  # stable: the grid's order within each group
     methods: dict[str, dict[int, str]] = {}
+    roles: dict[str, str] = {}
     for r in rows:
         methods.setdefault(method_of(r), {})[int(r["steps"])] = r["cell"]
+        roles[method_of(r)] = role_of(r)
     steps = sorted({int(r["steps"]) for r in rows})
     tiles: dict[str, Image.Image] = {}
     for cells in methods.values():
@@ -233,9 +369,16 @@ def overview_image(out: Path, rows: list[dict], per_cell: int = 4):
     draw = ImageDraw.Draw(canvas)
     for j, s in enumerate(steps):
         draw.text((label_w + j * (tw + pad) + tw // 2 - 20, 3), f"{s} step{'s' if s > 1 else ''}", fill="black")
+    first_student = True
     for i, (name, cells) in enumerate(methods.items()):
         y = head_h + i * (th + pad)
-        draw.text((4, y + th // 2 - 6), name, fill="black")
+        student = roles[name] == "student"
+        if student and first_student and i > 0:
+            draw.line((0, y - pad // 2 - 1, canvas.size[0], y - pad // 2 - 1), fill="black", width=2)
+        first_student = first_student and not student
+        draw.text((4, y + th // 2 - 6), name, fill="black" if student else (90, 90, 90))
+        if not student:
+            draw.text((4, y + th // 2 + 6), "training-free", fill=(140, 140, 140))
         for j, s in enumerate(steps):
             if s in cells and cells[s] in tiles:
                 canvas.paste(tiles[cells[s]], (label_w + j * (tw + pad), y))
@@ -250,12 +393,41 @@ def write_report(out: Path, results: dict) -> None:
     write_csv(out / "results.csv", rows)
     plots = []
     for key in metric_keys(rows) + ["latency_s"]:
-        if plot_metric(out / "plots" / f"{key}.png", rows, key):
+        if plot_metric(out / "plots" / f"{key}.png", rows, key, results.get("training_free_best")):
             plots.append(key)
     ov = overview_image(out, rows)
     if ov is not None:
         save_png(out / "overview.png", ov)
     write_text(out / "results.md", render_markdown(results, plots, overview=ov is not None))
+
+
+BEST_NOTE = ("Training-free (TF) rows are the undistilled teacher: its own solvers, with and without CFG, and "
+             "`teacher+NAME-sampler`, the teacher sampled with student NAME's own scheduler (no LoRA). A student's "
+             "ratio below 1 beats every training-free sampler at the same steps (or within the same number of "
+             "network evaluations); only a ratio well below 1 shows that distillation, not the sampler, does the work.")
+
+
+def reference_lines(results: dict) -> list[str]:
+    """What the ``*_teacher`` / ``*_data`` columns compare with, the teacher reference's own scores, and the
+    diversity setting."""
+    ref = results.get("reference", {})
+    lines = []
+    if ref.get("teacher"):
+        lines.append(f"`*_teacher` metrics compare with the teacher's samples: {ref['teacher']} (same prompts, "
+                     "seeds).")
+        if ref.get("metrics"):
+            lines.append("The teacher reference itself scores: " + ", ".join(
+                f"{k} {_fmt(v, k)}" for k, v in ref["metrics"].items()) + ".")
+    if ref.get("data"):
+        lines.append(f"`*_data` metrics compare with data images ({ref['data']}).")
+    div = results.get("diversity")
+    if div:
+        lines.append(f"`diversity`: mean pairwise feature distance among {div['seeds_per_prompt']} seeds of each of "
+                     f"{div['prompts']} prompts ({div['extra_images_per_cell']} extra images per cell); "
+                     "`diversity_vs_teacher` divides by the teacher reference's. `recall_*` / `precision_*`: k-NN "
+                     "manifold recall / precision against the teacher's samples or the data (precision in "
+                     "results.csv).")
+    return [x for line in lines for x in (line, "")][:-1]
 
 
 def render_markdown(results: dict, plots: list[str], overview: bool = True, link_prefix: str = "") -> str:
@@ -266,13 +438,12 @@ def render_markdown(results: dict, plots: list[str], overview: bool = True, link
               f"({machine.get('cpu_threads')} threads), torch {machine.get('torch')}.")
     if results.get("command"):
         md += ["", f"Command: `{results['command']}`"]
-    ref = results.get("reference", {})
-    if ref.get("teacher"):
-        md += ["", f"`*_teacher` metrics compare with the teacher's samples: {ref['teacher']} (same prompts, seeds)."]
-    if ref.get("data"):
-        md += ["", f"`*_data` metrics compare with data images ({ref['data']})."]
+    md += ["", *reference_lines(results)]
     md += ["", f"NFE: {results.get('nfe_note')}. Latency: wall time per image over the whole cell "
-               "(batched), after a warm-up.", "", markdown_table(rows), ""]
+               "(batched), after a warm-up.", "", sectioned_tables(rows), ""]
+    best = best_training_free_table(results)
+    if best:
+        md += ["## Against the best training-free sampler", "", BEST_NOTE, "", best]
     if results.get("notices"):
         md += ["Skipped:", ""] + [f"- {n}" for n in results["notices"]] + [""]
     if overview:

@@ -21,7 +21,8 @@ from t = 999 as the students do; with SD's default ``leading`` spacing a 1-step 
 Per cell the sweep records:
 
 - ``latency_s``: wall time of generating the cell's images divided by their number (batched as ``batch_size``; one
-  untimed 1-image warm-up per model first); ``images_per_s`` its inverse.
+  untimed 1-image warm-up per model first), prompt encoding included even where :class:`PromptEmbeddingCache` reused
+  it (its measured time, ``encode_cached_s``, is added); ``images_per_s`` its inverse.
 - ``unet_calls``: UNet forward calls per batch (a forward pre-hook counts them), i.e. sequential network passes.
 - ``nfe``: network evaluations per image = UNet rows per image. CFG runs the conditional and unconditional rows in one
   call with a doubled batch, so ``nfe = unet_calls x cfg_factor`` where ``cfg_factor`` (1 or 2) is measured as UNet
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from tlcm.errors import TLCMError
+from tlcm.evaluate.diversity import DiversityPlan, plan_diversity
 from tlcm.evaluate.metrics import MetricSpec, Reference, build_metrics
 
 SCHEDULER_NAMES = ("tlcm", "lcm", "tcd", "ddim", "dpmpp", "euler")
@@ -86,9 +88,18 @@ class SchedulerSpec:
         return f"tcd-g{self.gamma:g}" if self.name == "tcd" else self.name
 
 
+ROLES = ("teacher", "baseline", "student")
+
+
 @dataclass
 class ModelSpec:
-    """One model of the grid and the cells to run with it."""
+    """One model of the grid and the cells to run with it.
+
+    ``role``: ``teacher`` (the base model with its own solvers), ``baseline`` (the undistilled base model sampled with
+    a student's scheduler: training-free, see :mod:`tlcm.evaluate.baselines`) or ``student`` (a LoRA or distilled
+    UNet); default ``student`` with a LoRA, else ``teacher``. ``scheduler_from``: the folder whose
+    ``scheduler/scheduler_config.json`` the ``tlcm`` scheduler loads (default: the LoRA folder).
+    """
 
     name: str
     base: str
@@ -97,6 +108,9 @@ class ModelSpec:
     schedulers: list[SchedulerSpec] = field(default_factory=lambda: [SchedulerSpec("ddim")])
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: list[float] = field(default_factory=lambda: [7.5])
+    role: str | None = None
+    scheduler_from: str | None = None
+    baseline_of: list[str] = field(default_factory=list)  # for a baseline: the students whose sampler it uses
 
     def __post_init__(self):
         self.schedulers = [s if isinstance(s, SchedulerSpec) else SchedulerSpec.parse(s) for s in self.schedulers]
@@ -106,9 +120,25 @@ class ModelSpec:
         for s in self.steps:
             if int(s) < 1:
                 raise TLCMError(f"step count {s} for {self.name!r} must be >= 1", "pass --steps 1,2,4,8")
-        if any(sc.name == "tlcm" for sc in self.schedulers) and not self.lora:
+        if any(sc.name == "tlcm" for sc in self.schedulers) and not self.scheduler_dir:
             raise TLCMError(f"scheduler 'tlcm' for {self.name!r} needs a LoRA folder with its saved scheduler config",
                             "use it for a distilled model (--lora NAME=DIR), or pick tcd/lcm for a plain pipeline")
+        if self.role is None:
+            self.role = "student" if self.lora else "teacher"
+        if self.role not in ROLES:
+            raise TLCMError(f"model role {self.role!r} for {self.name!r} is unknown", f"use one of {', '.join(ROLES)}")
+        if self.role != "student" and self.lora:
+            raise TLCMError(f"{self.name!r} has a LoRA but role {self.role!r}: teacher and baseline rows are the "
+                            "undistilled model", "drop the LoRA, or make it a student")
+
+    @property
+    def scheduler_dir(self) -> str | None:
+        """Where the ``tlcm`` scheduler's saved config lives."""
+        return self.scheduler_from or self.lora
+
+    @property
+    def training_free(self) -> bool:
+        return self.role != "student"
 
 
 @dataclass(frozen=True)
@@ -241,6 +271,7 @@ class PeakMemory:
 # --- pipelines and schedulers ----------------------------------------------------------------------------------------
 def make_scheduler(spec: SchedulerSpec, base_config, lora_dir: str | None = None,
                    timestep_spacing: str = "trailing"):
+    # ``lora_dir``: the folder holding ``scheduler/scheduler_config.json`` (a student's, also for its baseline)
     """A scheduler instance for ``spec`` from the teacher's scheduler config (see the module docstring)."""
     import diffusers
 
@@ -264,6 +295,14 @@ def make_scheduler(spec: SchedulerSpec, base_config, lora_dir: str | None = None
         raise TLCMError(f"scheduler 'tlcm' needs {folder}/scheduler/scheduler_config.json",
                         "point --lora at the folder written by `tlcm distill`, or use tcd/lcm")
     return TLCMScheduler.from_pretrained(str(folder), subfolder="scheduler")
+
+
+def saved_scheduler_config(folder: str | os.PathLike) -> dict:
+    """The resolved config of a student folder's saved TLCMScheduler (defaults filled in, private keys dropped):
+    two folders sample identically exactly when these dicts are equal."""
+    sched = make_scheduler(SchedulerSpec("tlcm"), {}, str(folder))
+    return json.loads(json.dumps({k: v for k, v in dict(sched.config).items() if not k.startswith("_")},
+                                 default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def sampling_defaults(lora: str | None) -> dict:
@@ -349,8 +388,127 @@ def load_image_folder(folder: str | Path, n: int, size: tuple[int, int] | None =
     return out
 
 
-def build_reference(cfg: SweepConfig, out: Path, log) -> Reference:
-    ref = Reference(prompts=list(cfg.prompts))
+def prompt_set_digest(cfg: SweepConfig, prompts=None, seeds=None) -> str:
+    """A short hash of what every image of a cell depends on besides the model: prompts, seeds, size, negative prompt.
+    Cached reference images and cell results are reused only when it matches."""
+    import hashlib
+
+    blob = json.dumps([list(cfg.prompts if prompts is None else prompts), [int(s) for s in
+                       (cfg.seeds if seeds is None else seeds)], cfg.height, cfg.width, cfg.negative_prompt])
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+class PromptEmbeddingCache:
+    """Memoises ``pipe.encode_prompt`` while the sweep runs (installed on the pipe instance, removed by ``close``).
+
+    Every cell of a model encodes the same prompt batches; on the toy world the text encoder costs as much as a few
+    UNet steps per image, so re-encoding them was about half of a 2-step cell's time. Only calls whose arguments are
+    all plain values (strings, numbers, devices; no tensors) are cached, up to ``max_bytes`` of embeddings. The cached
+    tensors are the ones the first call returned, so the images are bit-identical to uncached ones (the pipelines
+    concatenate the embeddings into new tensors and never write into them).
+
+    Latency stays end to end: each entry keeps the seconds its encoding took, and ``saved_s`` adds them up for every
+    hit, so that a cell's timer can charge the encoding it did not redo (:func:`run_cell`).
+    """
+
+    def __init__(self, pipe, max_bytes: int = 256 * 2**20):
+        self.pipe = pipe
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.saved_s = 0.0
+        self._store: dict = {}
+        self._encode = pipe.encode_prompt
+        pipe.encode_prompt = self
+
+    @staticmethod
+    def _key(args, kwargs):
+        def plain(v):
+            if v is None or isinstance(v, (str, int, float, bool)):
+                return v
+            if isinstance(v, (list, tuple)) and all(x is None or isinstance(x, str) for x in v):
+                return tuple(v)
+            if isinstance(v, torch.device):
+                return str(v)
+            raise TypeError
+        try:
+            return tuple(plain(a) for a in args), tuple(sorted((k, plain(v)) for k, v in kwargs.items()))
+        except TypeError:
+            return None
+
+    def __call__(self, *args, **kwargs):
+        key = self._key(args, kwargs)
+        if key is not None and key in self._store:
+            out, seconds = self._store[key]
+            self.hits += 1
+            self.saved_s += seconds
+            return out
+        t0 = time.perf_counter()
+        out = self._encode(*args, **kwargs)
+        tensors = [t for t in out if isinstance(t, torch.Tensor)]
+        if any(t.is_cuda for t in tensors):
+            torch.cuda.synchronize(tensors[0].device)
+        seconds = time.perf_counter() - t0
+        if key is not None:
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            if self.bytes + size <= self.max_bytes:
+                self._store[key] = (out, seconds)
+                self.bytes += size
+        return out
+
+    def close(self):
+        if self.pipe.__dict__.get("encode_prompt") is self:
+            del self.pipe.encode_prompt
+        self._store.clear()
+
+
+class PipelineCache:
+    """Holds the one pipeline in use: models with the same base and LoRA (the teacher, its baselines, the reference)
+    share it instead of loading the weights again; a different model replaces it."""
+
+    def __init__(self, cfg: SweepConfig):
+        self.cfg = cfg
+        self.key = None
+        self.pipe = None
+        self.embeddings: PromptEmbeddingCache | None = None
+        self.warmed = False
+
+    def get(self, spec: ModelSpec):
+        key = (spec.base, str(Path(spec.lora).expanduser()) if spec.lora else None, float(spec.lora_weight))
+        if key != self.key:
+            self.close()
+            self.pipe = load_model(spec, self.cfg.device, self.cfg.dtype)
+            self.embeddings = PromptEmbeddingCache(self.pipe)
+            self.base_scheduler_config = self.pipe.scheduler.config
+            self.key, self.warmed = key, False
+        return self.pipe
+
+    def close(self):
+        if self.embeddings is not None:
+            self.embeddings.close()
+        self.pipe, self.embeddings, self.key = None, None, None
+
+
+def _reference_images(cfg: SweepConfig, pipes: PipelineCache, spec: ModelSpec, sch: SchedulerSpec, cache: Path,
+                      prompts, seeds, log, what: str):
+    rs = cfg.reference
+    if cfg.resume and cache.is_file():
+        images = _load_images_npz(cache)
+        if len(images) == len(prompts):
+            return images
+    log(f"reference: {what} on {len(prompts)} prompts")
+    pipe = pipes.get(spec)
+    pipe.scheduler = make_scheduler(sch, pipes.base_scheduler_config, spec.scheduler_dir, cfg.timestep_spacing)
+    images = generate_images(pipe, prompts, seeds, rs.steps, rs.guidance, cfg.height, cfg.width, cfg.batch_size,
+                             cfg.negative_prompt)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _save_images_npz(cache, images)
+    return images
+
+
+def build_reference(cfg: SweepConfig, out: Path, log, pipes: PipelineCache | None = None,
+                    plan: DiversityPlan | None = None) -> Reference:
+    ref = Reference(prompts=list(cfg.prompts), diversity_groups=plan.groups if plan else None)
     rs = cfg.reference
     if rs.data == "toy":
         from tlcm.toy.shapes import render_prompts
@@ -360,28 +518,32 @@ def build_reference(cfg: SweepConfig, out: Path, log) -> Reference:
         size = (cfg.width, cfg.height) if cfg.width and cfg.height else None
         ref.data_images = load_image_folder(rs.data, len(cfg.prompts), size)
     if rs.model:
+        pipes = pipes or PipelineCache(cfg)
         spec = cfg.model(rs.model)
         sch = SchedulerSpec.parse(rs.scheduler)
         ref.teacher_label = f"{spec.name} / {sch.label} / {rs.steps} steps / cfg {rs.guidance:g}"
-        cache = out / "reference" / f"teacher__{spec.name}__{sch.slug}__s{rs.steps}__g{rs.guidance:g}.npz"
-        if cfg.resume and cache.is_file():
-            ref.teacher_images = _load_images_npz(cache)
-        if ref.teacher_images is None or len(ref.teacher_images) != len(cfg.prompts):
-            log(f"reference: {ref.teacher_label} on {len(cfg.prompts)} prompts")
-            pipe = load_model(spec, cfg.device, cfg.dtype)
-            base_cfg = pipe.scheduler.config
-            pipe.scheduler = make_scheduler(sch, base_cfg, spec.lora, cfg.timestep_spacing)
-            ref.teacher_images = generate_images(pipe, cfg.prompts, cfg.seeds, rs.steps, rs.guidance, cfg.height,
-                                                 cfg.width, cfg.batch_size, cfg.negative_prompt)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            _save_images_npz(cache, ref.teacher_images)
-            del pipe
+        stem = f"teacher__{spec.name}__{sch.slug}__s{rs.steps}__g{rs.guidance:g}__{prompt_set_digest(cfg)}"
+        ref.teacher_images = _reference_images(cfg, pipes, spec, sch, out / "reference" / f"{stem}.npz",
+                                               cfg.prompts, cfg.seeds, log, ref.teacher_label)
+        if plan and plan.num_extra:
+            digest = prompt_set_digest(cfg, plan.extra_prompts, plan.extra_seeds)
+            ref.teacher_extra_images = _reference_images(
+                cfg, pipes, spec, sch, out / "reference" / f"{stem}__diversity-{digest}.npz", plan.extra_prompts,
+                plan.extra_seeds, log, f"{ref.teacher_label} (extra seeds for diversity)")
     return ref
 
 
 # --- the sweep -------------------------------------------------------------------------------------------------------
-def run_cell(pipe, cell: Cell, cfg: SweepConfig, device: torch.device) -> tuple[dict, list]:
+def run_cell(pipe, cell: Cell, cfg: SweepConfig, device: torch.device,
+             plan: DiversityPlan | None = None) -> tuple[dict, list, list]:
+    """Generate (timed) and count one cell; then, untimed, the plan's extra diversity images.
+
+    The wall time includes the prompt encoding that a :class:`PromptEmbeddingCache` on the pipe saved (its measured
+    seconds), so latency means the same for the first cell of a model and the rest. Returns
+    ``(row, images, extra_images)``."""
     n = len(cfg.prompts)
+    embeddings = pipe.__dict__.get("encode_prompt")
+    saved0 = embeddings.saved_s if isinstance(embeddings, PromptEmbeddingCache) else 0.0
     counter = UNetCounter(pipe.unet)
     try:
         with PeakMemory(device) as mem:
@@ -395,6 +557,8 @@ def run_cell(pipe, cell: Cell, cfg: SweepConfig, device: torch.device) -> tuple[
             wall = time.perf_counter() - t0
     finally:
         counter.close()
+    encode_cached_s = (embeddings.saved_s - saved0) if isinstance(embeddings, PromptEmbeddingCache) else 0.0
+    wall += encode_cached_s
     n_batches = math.ceil(n / cfg.batch_size)
     unet_calls = counter.calls / n_batches
     nfe = counter.rows / n
@@ -411,10 +575,18 @@ def run_cell(pipe, cell: Cell, cfg: SweepConfig, device: torch.device) -> tuple[
         "latency_s": wall / n,
         "images_per_s": n / wall if wall > 0 else float("nan"),
         "wall_s": wall,
+        "encode_cached_s": encode_cached_s,
         "peak_mem_mb": mem.mb,
         "peak_mem_kind": mem.kind,
     }
-    return row, images
+    extra = []
+    if plan and plan.num_extra:
+        t0 = time.perf_counter()
+        extra = generate_images(pipe, plan.extra_prompts, plan.extra_seeds, cell.steps, cell.guidance, cfg.height,
+                                cfg.width, cfg.batch_size, cfg.negative_prompt)
+        row["diversity_extra_images"] = len(extra)
+        row["diversity_extra_s"] = time.perf_counter() - t0
+    return row, images, extra
 
 
 def _warm_up(pipe, cfg: SweepConfig, cell: Cell):
@@ -422,11 +594,7 @@ def _warm_up(pipe, cfg: SweepConfig, cell: Cell):
                     cfg.negative_prompt)
 
 
-def run_sweep(cfg: SweepConfig, log=print) -> dict:
-    """Run every cell (resuming finished ones), score them, and write the report; return the results dict."""
-    from tlcm.evaluate import report
-    from tlcm.models import resolve_device
-
+def _validate(cfg: SweepConfig) -> None:
     if not cfg.prompts:
         raise TLCMError("the evaluation has no prompts", "pass --prompts FILE or a protocol with a prompt set")
     if len(cfg.seeds) != len(cfg.prompts):
@@ -440,6 +608,26 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         if m.lora and not Path(m.lora).expanduser().exists():
             raise TLCMError(f"LoRA {m.lora!r} for model {m.name!r} does not exist",
                             "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
+    div = cfg.metrics.diversity
+    if div is not None and (len(div) != 2 or int(div[0]) < 1 or int(div[1]) < 2):
+        raise TLCMError(f"diversity {div} needs K >= 1 prompts and S >= 2 seeds", "pass e.g. --diversity 32x4")
+
+
+def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell) -> dict:
+    """What a cached cell result must match to be reused: the prompt set and, for a saved scheduler, its config."""
+    ident = {"prompt_set": prompt_set_digest(cfg)}
+    if cell.scheduler.name == "tlcm":
+        ident["scheduler_config"] = saved_scheduler_config(spec.scheduler_dir)
+    return ident
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> dict:
+    """Run every cell (resuming finished ones), score them, and write the report; return the results dict."""
+    from tlcm.evaluate import report
+    from tlcm.evaluate.baselines import add_ratios, best_training_free
+    from tlcm.models import resolve_device
+
+    _validate(cfg)
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -448,11 +636,20 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     metrics, notices = build_metrics(cfg.metrics)
     for note in notices:
         log(f"notice: {note}")
-    reference = build_reference(cfg, out, log)
+    plan = None
+    if cfg.metrics.diversity and any(getattr(m, "diversity", False) for m in metrics):
+        k, s = (int(v) for v in cfg.metrics.diversity)
+        plan = plan_diversity(cfg.prompts, cfg.seeds, k, s)
+        log(f"diversity: {len(plan.groups)} prompts x {s} seeds, {plan.num_extra} extra images per cell")
+    pipes = PipelineCache(cfg)
+    reference = build_reference(cfg, out, log, pipes, plan)
     for m in metrics:
         for note in m.prepare(reference):
             notices.append(note)
             log(f"notice: {note}")
+    reference_metrics: dict[str, float] = {}
+    for m in metrics:
+        reference_metrics.update(m.reference_metrics())
 
     rows: list[dict] = []
     cells = cfg.cells()
@@ -466,18 +663,22 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         for c in model_cells:
             cached = out / "cells" / f"{c.id}.json"
             if cfg.resume and cached.is_file() and (out / "grids" / f"{c.id}.png").is_file():
-                rows.append(json.loads(cached.read_text()))
-                done += 1
-            else:
-                todo.append(c)
+                row = json.loads(cached.read_text())
+                ident = _cell_identity(cfg, spec, c)
+                if all(row.get(k) == v for k, v in ident.items()):
+                    rows.append(row)
+                    done += 1
+                    continue
+                log(f"{c.id}: the cached result was made with other prompts or another scheduler config; "
+                    "recomputing")
+            todo.append(c)
         if not todo:
             continue
-        pipe = load_model(spec, cfg.device, cfg.dtype)
-        base_cfg = pipe.scheduler.config
+        pipe = pipes.get(spec)
         sampling = sampling_defaults(spec.lora)
-        warmed = False
         for c in todo:
-            scheduler = make_scheduler(c.scheduler, base_cfg, spec.lora, cfg.timestep_spacing)
+            scheduler = make_scheduler(c.scheduler, pipes.base_scheduler_config, spec.scheduler_dir,
+                                       cfg.timestep_spacing)
             try:  # e.g. a 4-segment MLCD student walks 1..4 steps only: skip the cell, say why
                 scheduler.set_timesteps(c.steps)
             except ValueError as err:
@@ -486,15 +687,19 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 log(f"notice: {note}")
                 continue
             pipe.scheduler = scheduler
-            if not warmed:
+            if not pipes.warmed:
                 _warm_up(pipe, cfg, c)
-                warmed = True
-            row, images = run_cell(pipe, c, cfg, device)
-            row["lora"] = spec.lora
+                pipes.warmed = True
+            row, images, extra = run_cell(pipe, c, cfg, device, plan)
+            row.update(role=spec.role, lora=spec.lora, **_cell_identity(cfg, spec, c))
+            if spec.scheduler_from:
+                row["scheduler_from"] = spec.scheduler_from
+            if spec.baseline_of:
+                row["baseline_of"] = list(spec.baseline_of)
             if sampling:
                 row["lora_sampling"] = sampling
             for m in metrics:
-                row.update(m.compute(images, cfg.prompts))
+                row.update(m.score(images, cfg.prompts, extra))
             report.save_grid(out / "grids" / f"{c.id}.png", images[: cfg.grid_images])
             report.save_thumbs(out / "thumbs" / f"{c.id}.npz", images[:8])
             report.write_json(out / "cells" / f"{c.id}.json", row)
@@ -503,19 +708,24 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             shown = {k: v for k, v in row.items() if k in report.metric_keys([row])}
             log(f"[{done}/{len(cells)}] {c.id}: nfe {row['nfe']:g}, {row['latency_s'] * 1000:.1f} ms/img, "
                 + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        del pipe
+    pipes.close()
     order = {c.id: i for i, c in enumerate(cells)}
     rows.sort(key=lambda r: order.get(r["cell"], len(order)))
+    best = best_training_free(rows)
+    add_ratios(rows, best)
     results = {
         "protocol": cfg.protocol,
         "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": machine_info(device),
         "command": " ".join(["tlcm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "tlcm" else None,
         "num_prompts": len(cfg.prompts),
-        "reference": {"teacher": reference.teacher_label, "data": cfg.reference.data},
+        "reference": {"teacher": reference.teacher_label, "data": cfg.reference.data, "metrics": reference_metrics},
+        "diversity": ({"prompts": len(plan.groups), "seeds_per_prompt": len(plan.groups[0]) if plan.groups else 0,
+                       "extra_images_per_cell": plan.num_extra} if plan else None),
         "notices": notices,
         "nfe_note": "nfe = UNet calls per batch x cfg_factor (UNet input rows per image; CFG doubles the batch, "
                     "not the calls)",
+        "training_free_best": best,
         "cells": rows,
     }
     report.write_report(out, results)

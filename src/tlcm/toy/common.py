@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from tlcm.errors import TLCMError
-from tlcm.models import STABLE_DIFFUSION_SCHEDULER_CONFIG
+from tlcm.sd_config import STABLE_DIFFUSION_SCHEDULER_CONFIG
 
 SD_SCHEDULER_CONFIG = {**STABLE_DIFFUSION_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler",
                        "timestep_spacing": "leading"}

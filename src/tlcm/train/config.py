@@ -90,7 +90,7 @@ class DistillConfig:
     validation_steps: int = 0  # 0: only at the end
     validation_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
     validation_num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    resolution: int = 0  # 0: the teacher's default (SDXL time ids, validation image size)
+    resolution: int = 0  # 0: the shards' size, else the teacher's own (train/resolution.py; SDXL time ids, validation)
 
     # what the output folder recommends to samplers
     sampling_guidance_scale: float = 1.0  # diffusers' guidance_scale (Imagen form); <= 1 means no CFG at inference
@@ -152,6 +152,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/on/off as booleans
+            raise TLCMError(f"config key {key!r} expects a string, got {value!r}",
+                            f"quote the value in YAML, e.g. {key}: 'no'")
         if not isinstance(value, (str, int, float)):
             raise bad("a string")
         return str(value)
@@ -200,6 +203,8 @@ def apply_overrides(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
         key, raw = item.split("=", 1)
         key = key.strip()
         value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, bool) and key in _FIELDS and isinstance(_default(key), str):
+            value = raw.strip()  # --set mixed_precision=no means the string, not YAML's boolean
         if isinstance(value, str) and raw.strip() and _is_number(raw.strip()):
             value = float(raw)  # YAML reads "1e-5" as a string
         if "." in key and key.split(".", 1)[0] in _FIELDS and isinstance(_default(key.split(".", 1)[0]), dict):

@@ -40,8 +40,10 @@ from tlcm.losses import (
     multistep_sample,
     tlcm_loss,
 )
+from tlcm.train import distributed
 from tlcm.train.config import DistillConfig, validate_config
 from tlcm.train.recipes import edges_of, sample_training_times, sampling_plan, stage2_source_plan
+from tlcm.train.resolution import training_image_size
 from tlcm.train.student import EMA, Networks, build_networks, lora_state_dict
 
 log = logging.getLogger("tlcm.distill")
@@ -215,13 +217,14 @@ def _make_accelerator(cfg: DistillConfig, output_dir: Path, log_with):
             AcceleratorState._reset_state(reset_partial_state=True)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=log_with,
-        project_config=project,
-        cpu=cpu,
-    )
+    with distributed.accelerate_without_fsdp():  # FSDP: tlcm shards the networks itself (train/distributed.py)
+        return Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=log_with,
+            project_config=project,
+            cpu=cpu,
+        )
 
 
 def _unet_fn(unet, cond, timestep_cond=None):
@@ -274,6 +277,8 @@ def distill(
 
         pipe = load_pipeline(cfg.teacher, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    height, width = training_image_size(cfg, pipe)  # config, shards and teacher agree, or TLCMError naming both
+    cfg.resolution = height if height == width else cfg.resolution  # config.yaml records the size trained at
     schedule = NoiseSchedule.from_config(pipe.scheduler.config)
     if schedule.num_train_timesteps != 1000:
         raise TLCMError(f"the teacher has {schedule.num_train_timesteps} training timesteps; tlcm assumes 1000",
@@ -288,7 +293,9 @@ def distill(
             getattr(pipe, name).to(dtype=text_dtype)
 
     # 2. student, target, optimiser, LR schedule -------------------------------------------------------------------
-    networks = build_networks(pipe.unet, cfg, weight_dtype)
+    with torch.random.fork_rng(devices=[]):  # the LoRA's random init follows cfg.seed: equal runs, equal bytes
+        torch.manual_seed(cfg.seed)
+        networks = build_networks(pipe.unet, cfg, weight_dtype)
     pipe.unet.to(device)
     networks.student.to(device)
     if not networks.is_lora:
@@ -299,25 +306,29 @@ def distill(
             if "lora_" not in name:
                 p.data = p.data.to(weight_dtype)
     embed_dim = getattr(networks.student.config, "time_cond_proj_dim", None) if cfg.guidance_embedding else None
+    sharded = distributed.shard_networks(accelerator, networks, cfg)  # FSDP launches only; before the optimiser
     params = networks.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_steps)
-    student, optimizer = accelerator.prepare(networks.student, optimizer)
+    student, optimizer = distributed.prepare(accelerator, networks.student, optimizer, sharded)
     accelerator.register_for_checkpointing(lr_scheduler)
     ema = None
     if networks.target_unet is not None:
         ema = EMA(networks.target_unet, cfg.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    _register_lora_hooks(accelerator, networks)
+        if not sharded:
+            accelerator.register_for_checkpointing(ema)
+    if sharded:
+        distributed.register_checkpointing(accelerator, networks, student, optimizer, ema)
+    else:
+        _register_lora_hooks(accelerator, networks)
     raw_student = accelerator.unwrap_model(student)
 
     # 3. data ---------------------------------------------------------------------------------------------------------
     dataset = (dataset_fn or shards_dataset_fn(cfg))(accelerator.process_index, accelerator.num_processes)
     batches = iter(endless_batches(dataset, cfg.batch_size))
-    res = cfg.resolution or None
-    encoder = PromptEncoder(pipe, res, res)
+    encoder = PromptEncoder(pipe, height, width)  # SDXL time_ids follow the training size
     edges = torch.from_numpy(edges_of(cfg))
 
     # 4. resume -----------------------------------------------------------------------------------------------------
@@ -449,6 +460,9 @@ def distill(
     # 6. export -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     grid = validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
+    export_student, export_networks = raw_student, networks
+    if sharded:  # a collective: plain copies of what the export writes, on the main process
+        export_student, export_networks = distributed.gather_for_export(networks, cfg, accelerator)
     if accelerator.is_main_process:
         from tlcm.train.export import export_output
 
@@ -461,7 +475,7 @@ def distill(
             "trainable_parameters": sum(p.numel() for p in params),
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
-        export_output(cfg, pipe, raw_student, networks, output_dir, summary, validation_grid=grid)
+        export_output(cfg, pipe, export_student, export_networks, output_dir, summary, validation_grid=grid)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
@@ -470,8 +484,8 @@ def distill(
 @torch.no_grad()
 def validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, step, log_with) -> Path | None:
     """Sample the validation prompts at each of ``validation_num_steps`` and save/log one PNG grid."""
-    if not accelerator.is_main_process or not cfg.validation_prompts:
-        return None
+    if not cfg.validation_prompts or not (accelerator.is_main_process or distributed.is_sharded(raw_student)):
+        return None  # a sharded forward is a collective: then every rank samples, the main process writes
     import numpy as np
     from PIL import Image
 
@@ -480,9 +494,9 @@ def validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, s
     net_model = networks.target_unet if networks.target_unet is not None else raw_student
     n = len(cfg.validation_prompts)
     channels = pipe.unet.config.in_channels
-    size = (cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+    size = (encoder.height // pipe.vae_scale_factor, encoder.width // pipe.vae_scale_factor)  # the training size
     gen = torch.Generator().manual_seed(cfg.seed + 12345)
-    noise = torch.randn((n, channels, size, size), generator=gen).to(device)
+    noise = torch.randn((n, channels, *size), generator=gen).to(device)
     embed_dim = getattr(net_model.config, "time_cond_proj_dim", None) if cfg.guidance_embedding else None
     t_cond = None
     if embed_dim:
@@ -504,6 +518,8 @@ def validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, s
     if was_training:
         net_model.train()
     grid = torch.cat(rows, dim=0).numpy()
+    if not accelerator.is_main_process:
+        return None
     out = Path(cfg.output_dir) / "validation"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step-{step:07d}.png"
