@@ -35,8 +35,8 @@ STEPS = (1, 2, 3, 4, 8, 50)
 
 TOY_ASSETS: str | None = None  # --toy-assets: use a `tlcm toy build` work dir's assets instead of the shipped ones
 
-_WRAP = ("import pathlib, sys, tlcm.toy as toy; d = pathlib.Path(sys.argv.pop(1)); toy.assets_dir = lambda: d; "
-         "from tlcm.cli import main; sys.exit(main(sys.argv[1:]))")
+_WRAP = ("import pathlib, sys, tlcm.toy as toy; d = pathlib.Path(sys.argv.pop(1)); "
+         "toy.assets_dir = lambda world=None: d; from tlcm.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def tlcm_cmd(*args: str) -> list[str]:
@@ -210,7 +210,7 @@ def main() -> int:
         TOY_ASSETS = str(Path(args.toy_assets).resolve())
         import tlcm.toy
 
-        tlcm.toy.assets_dir = lambda: Path(TOY_ASSETS)
+        tlcm.toy.assets_dir = lambda world=None: Path(TOY_ASSETS)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}

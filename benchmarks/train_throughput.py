@@ -84,9 +84,10 @@ def main(argv=None) -> int:
     data = Path(args.data) if args.data else work / "data"
     if not args.data and not (data / "manifest.json").is_file():
         prompts = work / "prompts.txt"
-        from tlcm.toy.shapes import prompts as toy_prompts
+        from tlcm.toy import world_of_model
+        from tlcm.toy.worlds import get_world
 
-        prompts.write_text("\n".join(toy_prompts(args.records, seed=0)) + "\n")
+        prompts.write_text("\n".join(get_world(world_of_model(args.teacher)).prompts(args.records, seed=0)) + "\n")
         run(tlcm("synthesize", "--teacher", args.teacher, "--prompts", prompts, "--out", data, "--num-records",
                  args.records, "--no-dedupe", "--guidance-scale", 4.0, "--no-progress"), env)
     rows = []

@@ -123,15 +123,22 @@ def _student_done(path: Path) -> bool:
 def _synthesize(cfg: DemoConfig, data: Path) -> None:
     from tlcm.data.synthesize import SynthesizeConfig, synthesize
     from tlcm.evaluate.report import write_text
-    from tlcm.toy.shapes import prompts as toy_prompts
 
     prompt_file = data.parent / "train_prompts.txt"  # toy-world captions, training split, seed cfg.seed
-    write_text(prompt_file, "\n".join(toy_prompts(cfg.records, seed=cfg.seed, split="train")) + "\n")
+    write_text(prompt_file, "\n".join(_world(cfg).prompts(cfg.records, seed=cfg.seed, split="train")) + "\n")
     synthesize(SynthesizeConfig(
         teacher=cfg.teacher, prompts=str(prompt_file), out=str(data), dedupe=False, num_records=cfg.records,
         solver="dpmpp", steps=cfg.synth_steps, guidance_scale=cfg.guidance, seed=cfg.seed, batch_size=32,
         records_per_shard=256, device=None if cfg.device == "auto" else cfg.device, progress=cfg.progress,
     ))
+
+
+def _world(cfg: DemoConfig):
+    """The toy world of the demo's teacher (``toy``: the default world; ``toy-v3``: the v3 shapes world)."""
+    from tlcm.toy import world_of_model
+    from tlcm.toy.worlds import get_world
+
+    return get_world(world_of_model(cfg.teacher))
 
 
 def _distill(cfg: DemoConfig, preset: str, data: Path, out: Path, steps: int, overrides: list[str]) -> None:
@@ -152,7 +159,6 @@ def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
     from tlcm.evaluate.prompts import seeds_for
     from tlcm.evaluate.protocols import TOY_EVAL_SEED
     from tlcm.evaluate.sweep import ModelSpec, ReferenceSpec, SweepConfig, sampling_defaults
-    from tlcm.toy.shapes import prompts as toy_prompts
 
     steps = list(cfg.eval_steps)
     guidance = sorted({1.0, cfg.guidance}) if cfg.teacher_without_cfg else [cfg.guidance]
@@ -169,13 +175,14 @@ def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
     if cfg.baselines:
         models += baseline_models(student_specs, cfg.teacher, [cfg.guidance], taken=[m.name for m in models])
     models += student_specs
-    prompts = toy_prompts(cfg.eval_prompts, seed=TOY_EVAL_SEED, split="train")
+    world = _world(cfg)
+    prompts = world.prompts(cfg.eval_prompts, seed=TOY_EVAL_SEED, split="train")
     return SweepConfig(
         models=models, prompts=prompts, seeds=seeds_for(len(prompts), TOY_EVAL_SEED), out_dir=str(out),
         batch_size=cfg.eval_batch_size, device=cfg.device,
         reference=ReferenceSpec(model="teacher", scheduler="dpmpp", steps=cfg.reference_steps,
-                                guidance=cfg.guidance, data="toy"),
-        metrics=MetricSpec(toy=True, fid=False, device="cpu",
+                                guidance=cfg.guidance, data=f"toy-records:train:{TOY_EVAL_SEED}"),
+        metrics=MetricSpec(toy=True, toy_world=world.VERSION, fid=False, device="cpu",
                            diversity=tuple(cfg.diversity) if cfg.diversity else None),
         protocol="toy (demo)",
     )

@@ -44,14 +44,16 @@ class PromptSet:
         return h.hexdigest()
 
 
-def default_prompts_path() -> Path:
-    """The toy world's training-split captions (shipped by :mod:`tlcm.toy`)."""
+def default_prompts_path(teacher: str | None = None) -> Path:
+    """The training-split captions of the toy world of ``teacher`` (``toy``, ``toy-v3``, a toy pipeline folder;
+    default: the default world), shipped by :mod:`tlcm.toy`."""
     try:
         from tlcm.toy import default_prompts_path as toy_prompts
+        from tlcm.toy import world_of_model
     except ImportError as err:
         raise TLCMError("the toy world's prompt set is not available in this installation",
                         "pass --prompts FILE with your own prompts") from err
-    return Path(toy_prompts())
+    return Path(toy_prompts(world_of_model(teacher)))
 
 
 def _pick_column(columns: list[str], column: str | None, source: Path, what: str = "--prompt-column") -> str:
@@ -113,14 +115,14 @@ def _read_table(path: Path) -> tuple[list[str], dict[str, list]]:
 
 def load_prompts(path: str | Path, *, column: str | None = None, negative_column: str | None = None,
                  negative_prompt: str = "", dedupe: bool = True) -> PromptSet:
-    """Read prompts from ``path`` (``"toy"`` for the toy world's training split).
+    """Read prompts from ``path`` (``"toy"``, ``"toy-v3"``, ``"toy-v4"`` for that toy world's training split).
 
     Whitespace is trimmed, empty prompts dropped, and with ``dedupe`` exact duplicate (prompt, negative) pairs are
     dropped keeping the first. Negative prompts come from ``negative_column`` when given, else ``negative_prompt``
     for every record. Raises :class:`TLCMError` for a missing file, an unknown column or an empty result.
     """
-    if str(path) == "toy":
-        path = default_prompts_path()
+    if str(path) in ("toy", "toy-v3", "toy-v4"):
+        path = default_prompts_path(str(path))
     path = Path(path).expanduser()
     if not path.exists():
         raise TLCMError(f"prompt file {str(path)!r} does not exist", f"pass {_FORMATS}, or 'toy'")

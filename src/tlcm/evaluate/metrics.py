@@ -191,7 +191,7 @@ class ToyWorldMetrics(FeatureFID):
     name = "toy"
     prefix = "toy_fid"
 
-    def __init__(self, toy_metrics=None, recall: bool = True, diversity: bool = True):
+    def __init__(self, toy_metrics=None, recall: bool = True, diversity: bool = True, world: str | None = None):
         super().__init__(recall, diversity)
         if toy_metrics is None:
             try:
@@ -200,7 +200,7 @@ class ToyWorldMetrics(FeatureFID):
                 raise MetricUnavailable("toy metrics skipped: tlcm.toy.metrics is not available in this install") \
                     from err
             try:
-                toy_metrics = ToyMetrics.load()
+                toy_metrics = ToyMetrics.load(world=world)
             except TLCMError as err:
                 raise MetricUnavailable(f"toy metrics skipped: {err.problem}") from err
         self.toy = toy_metrics
@@ -437,6 +437,7 @@ class MetricSpec:
     """Which metrics to try. ``None`` weights mean: look in the caches, else skip with a notice."""
 
     toy: bool = False
+    toy_world: str | None = None  # which toy world's metrics (v3, v4; None: the default world)
     fid: bool = True
     inception_weights: str | None = None
     clip_model: str | None = None
@@ -463,7 +464,7 @@ def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
 
     div = bool(spec.diversity)
     if spec.toy:
-        attempt(lambda: ToyWorldMetrics(recall=spec.recall, diversity=div))
+        attempt(lambda: ToyWorldMetrics(recall=spec.recall, diversity=div, world=spec.toy_world))
     if spec.fid:
         attempt(lambda: InceptionFID(spec.inception_weights, spec.device, recall=spec.recall, diversity=div))
     clip_pair = None

@@ -1,7 +1,7 @@
 """Evaluation presets, and turning user options into a :class:`~tlcm.evaluate.sweep.SweepConfig`.
 
 ``toy``
-    The embedded toy world on a CPU: the shipped toy teacher, toy-world captions (``tlcm.toy.shapes.prompts``,
+    The embedded toy world on a CPU: the shipped toy teacher, toy-world captions (the world's ``prompts``,
     256 prompts of the ``train`` split drawn with seed 10000, i.e. not the distillation prompts), 32x32 images, metrics
     toy-FID against rendered data and against the teacher's DPM-Solver++ 25-step samples, attribute alignment, k-NN
     precision/recall, and per-prompt diversity (32 prompts x 4 seeds). Teacher solvers DDIM, DPM-Solver++ and Euler
@@ -174,11 +174,19 @@ def config_from_options(
     ``toy``). ``diversity``: ``KxS`` for per-prompt diversity (default: the protocol's, ``32x4`` for ``toy``);
     ``no_diversity`` turns it off.
     """
-    proto = get_protocol(protocol if protocol else ("toy" if model == "toy" else None))
+    from tlcm.toy import is_toy_name
+
+    proto = get_protocol(protocol if protocol else ("toy" if is_toy_name(model) else None))
     base = model or (proto.base if proto else None)
     if not base:
         raise TLCMError("no model to evaluate", "pass --model (a hub id, a pipeline folder or 'toy') or --protocol")
-    toy_world = base == "toy" or bool(proto and proto.toy)
+    toy_world = is_toy_name(base) or bool(proto and proto.toy)
+    world = None
+    if toy_world:
+        from tlcm.toy import world_of_model
+        from tlcm.toy.worlds import get_world
+
+        world = get_world(world_of_model(base))  # toy, toy-v3, toy-v4, or a toy pipeline folder
 
     # prompts and seeds
     count = num_prompts if num_prompts is not None else (proto.num_prompts if proto else None)
@@ -186,9 +194,7 @@ def config_from_options(
     if prompts:
         prompt_list = take(read_prompts(prompts, prompt_column), count, prompts)
     elif toy_world:
-        from tlcm.toy.shapes import prompts as toy_prompts
-
-        prompt_list = toy_prompts(count or 256, seed=seed0, split=toy_split)
+        prompt_list = world.prompts(count or 256, seed=seed0, split=toy_split)
     elif proto and proto.needs_prompt_file:
         raise TLCMError(f"protocol {proto.name!r} needs its prompt file", "; ".join(proto.notes))
     else:
@@ -225,7 +231,10 @@ def config_from_options(
         raise TLCMError("nothing to evaluate: --no-teacher and no --lora", "add --lora NAME=DIR or drop --no-teacher")
 
     # reference and metrics
-    ref = ReferenceSpec(data="toy" if toy_world else reference_images)
+    if toy_world:
+        # the world's own records when the prompts are theirs (exact samples of the conditional), else drawn scenes
+        data = f"toy-records:{toy_split}:{seed0}" if not prompts else "toy"
+    ref = ReferenceSpec(data=data if toy_world else reference_images)
     if not no_reference:
         r_sched, r_steps, r_guid = proto.reference if proto else ("dpmpp", 25, max(t_guid))
         if reference_solver:
@@ -241,6 +250,7 @@ def config_from_options(
             models.insert(0, ModelSpec("teacher", base, schedulers=[], steps=[], guidance=[]))
     metric_spec = MetricSpec(
         toy=toy_world,
+        toy_world=world.VERSION if world else None,
         fid=not toy_world or inception_weights is not None,
         inception_weights=inception_weights,
         clip_model=clip_model or (proto.clip_model if proto else None),

@@ -166,7 +166,9 @@ class ReferenceSpec:
     scheduler: str = "dpmpp"
     steps: int = 25
     guidance: float = 7.5
-    data: str | None = None  # "toy" renders the prompts; a folder holds real images; None: no data FID
+    # "toy": a scene drawn for each prompt; "toy-records:SPLIT:SEED": the toy world's records whose captions the prompts
+    # are (exact conditional samples); a folder holds real images; None: no data FID
+    data: str | None = None
 
 
 @dataclass
@@ -506,14 +508,30 @@ def _reference_images(cfg: SweepConfig, pipes: PipelineCache, spec: ModelSpec, s
     return images
 
 
+def toy_data_images(spec: str, prompts: list[str], world: str | None, seed: int = 0, log=print) -> list:
+    """Real toy-world images for ``prompts``: the records ``toy-records:SPLIT:SEED`` names when their captions are
+    exactly the prompts (exact samples of the world's conditional distribution), else a scene drawn for each prompt
+    (``render_prompts``: named attributes as claimed, free ones at random)."""
+    from tlcm.toy.worlds import get_world
+
+    mod = get_world(world)
+    if spec.startswith("toy-records:"):
+        _, split, record_seed = spec.split(":")
+        records = mod.sample_records(len(prompts), int(record_seed), split)
+        if [r[1] for r in records] == list(prompts):
+            return [r[0] for r in records]
+        log(f"reference data: the prompts are not the {mod.NAME} world's records ({split}, seed {record_seed}); "
+            "drawing a scene for each prompt instead")
+    return mod.render_prompts(prompts, seed=seed)
+
+
 def build_reference(cfg: SweepConfig, out: Path, log, pipes: PipelineCache | None = None,
                     plan: DiversityPlan | None = None) -> Reference:
     ref = Reference(prompts=list(cfg.prompts), diversity_groups=plan.groups if plan else None)
     rs = cfg.reference
-    if rs.data == "toy":
-        from tlcm.toy.shapes import render_prompts
-
-        ref.data_images = render_prompts(cfg.prompts, seed=cfg.seeds[0] if cfg.seeds else 0)
+    if rs.data and rs.data.startswith("toy"):
+        ref.data_images = toy_data_images(rs.data, cfg.prompts, cfg.metrics.toy_world,
+                                          seed=cfg.seeds[0] if cfg.seeds else 0, log=log)
     elif rs.data:
         size = (cfg.width, cfg.height) if cfg.width and cfg.height else None
         ref.data_images = load_image_folder(rs.data, len(cfg.prompts), size)
