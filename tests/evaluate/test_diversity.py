@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tlcm.evaluate import sweep
-from tlcm.evaluate.diversity import knn_precision_recall, per_prompt_diversity, plan_diversity
+from tlcm.evaluate.diversity import plan_diversity
 from tlcm.evaluate.metrics import MetricSpec
 from tlcm.evaluate.sweep import ModelSpec, ReferenceSpec, SweepConfig, run_sweep
+from tlcm.math.manifold import knn_precision_recall, per_prompt_diversity
 
 
 def test_plan_reuses_the_cells_images_and_tops_up_with_fresh_seeds():

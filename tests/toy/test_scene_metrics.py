@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tlcm.toy import scenes
-from tlcm.toy.acceptance import per_prompt_diversity
 from tlcm.toy.scene_metrics import SceneMetricsConfig, _scene_labels, sample_query, train_scene_metrics
 
 
@@ -97,15 +96,3 @@ def test_toy_metrics_for_model_picks_the_world_of_the_teacher(tmp_path):
     assert world_of_model(tmp_path) == "v3"  # pipelines from before v4 carry no marker
     (tmp_path / "tlcm_toy.json").write_text(json.dumps({"world": "v4"}))
     assert world_of_model(tmp_path) == "v4"
-
-
-def test_per_prompt_diversity_against_a_closed_form():
-    f = torch.zeros(2, 3, 4, dtype=torch.float64)
-    assert per_prompt_diversity(f) == 0.0
-    # prompt 0: three points on a line at 0, 1, 3 -> pairwise distances 1, 3, 2 (each counted twice over 6 pairs)
-    f[0, 1, 0], f[0, 2, 0] = 1.0, 3.0
-    # prompt 1: an equilateral arrangement of side 2
-    f[1, 1, 0] = 2.0
-    f[1, 2, 0], f[1, 2, 1] = 1.0, 3.0 ** 0.5  # python floats keep float64 precision
-    expected = ((1 + 3 + 2) / 3 + 2.0) / 2
-    assert per_prompt_diversity(f) == pytest.approx(expected, rel=1e-12)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tlcm.errors import TLCMError
+from tlcm.math.manifold import knn_precision_recall as precision_recall_from_features
 from tlcm.toy import assets_dir, common, default_prompts_path, shapes
-from tlcm.toy.metrics import MetricsConfig, ToyMetrics, precision_recall_from_features, train_metrics
+from tlcm.toy.metrics import MetricsConfig, ToyMetrics, train_metrics
 
 
 @pytest.fixture(scope="module")

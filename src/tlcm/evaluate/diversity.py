@@ -18,18 +18,14 @@ distinct seeds), topped up to S with *extra* (prompt, seed) pairs whose seeds fo
 For a list without repeats that is K x (S - 1) extra images per cell (96 for 32 x 4); for a list built as K prompts
 repeated S times, none.
 
-Everything here is pure tensor math on features (no network, no file): the metric plugins in
-:mod:`tlcm.evaluate.metrics` supply the features.
+The measures themselves are pure tensor math in :mod:`tlcm.math.manifold` ; the metric plugins
+in :mod:`tlcm.evaluate.metrics` supply the features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-
-DEFAULT_NEIGHBOURS = 5  # the toy world's precision/recall (tlcm.toy.metrics) uses k = 5 too
 
 
 @dataclass(frozen=True)
@@ -67,36 +63,3 @@ def plan_diversity(prompts: Sequence[str], seeds: Sequence[int], num_prompts: in
             next_seed += 1
         groups.append(tuple(group))
     return DiversityPlan(tuple(groups), tuple(extra_prompts), tuple(extra_seeds))
-
-
-def per_prompt_diversity(features: torch.Tensor, groups: Sequence[Sequence[int]]) -> float:
-    """Mean over groups of the mean pairwise Euclidean feature distance within the group (float64 inside)."""
-    feats = torch.as_tensor(features).double()
-    per_group = []
-    for g in groups:
-        if len(g) < 2:
-            continue
-        per_group.append(torch.pdist(feats[list(g)]).mean())
-    if not per_group:
-        raise ValueError("per-prompt diversity needs at least one group of two or more images")
-    return float(torch.stack(per_group).mean())
-
-
-def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = DEFAULT_NEIGHBOURS) -> tuple[float, float]:
-    """``(precision, recall)`` of ``fake`` against ``real`` with k-NN manifolds (float64 distances).
-
-    With very small sets ``k`` shrinks so that the k-th neighbour exists (``k <= n - 1``).
-    """
-    real = torch.as_tensor(real).double()
-    fake = torch.as_tensor(fake).double()
-    if len(real) < 2 or len(fake) < 2:
-        raise ValueError("precision/recall needs at least two real and two generated samples")
-    k = max(1, min(k, len(real) - 1, len(fake) - 1))
-
-    def radii(x):  # distance to the k-th nearest *other* member: the point itself is its own 0-th neighbour
-        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
-
-    d = torch.cdist(fake, real)  # (n_fake, n_real)
-    precision = (d <= radii(real)[None, :]).any(dim=1).double().mean()
-    recall = (d.T <= radii(fake)[None, :]).any(dim=1).double().mean()
-    return float(precision), float(recall)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from tlcm.errors import TLCMError
-from tlcm.evaluate.diversity import knn_precision_recall, per_prompt_diversity
 from tlcm.math.frechet import frechet_distance_from_features
+from tlcm.math.manifold import knn_precision_recall, per_prompt_diversity
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 

@@ -22,22 +22,11 @@ from pathlib import Path
 
 import torch
 
+from tlcm.math.manifold import per_prompt_diversity
 from tlcm.toy import common, scenes
 
 BASELINE_SCHEDULERS = ("lcm", "tcd", "ddim", "dpmpp", "euler")
 BARS = {"alignment": 0.9, "recall": 0.9, "ratio_1_step": 10.0, "ratio_2_step": 5.0}
-
-
-def per_prompt_diversity(features: torch.Tensor) -> float:
-    """Mean pairwise Euclidean distance among the ``S`` feature vectors of each prompt, averaged over prompts.
-
-    ``features``: ``(K, S, D)`` for K prompts x S seeds. 0 for a sampler that ignores its noise."""
-    k, s, _ = features.shape
-    if s < 2:
-        raise ValueError("diversity needs at least 2 samples per prompt")
-    x = features.double()
-    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")  # (K, S, S), exact differences
-    return float(d.sum() / (k * s * (s - 1)))
 
 
 def _records(n: int, seed: int, split: str):
@@ -94,12 +83,12 @@ def evaluate_scenes_teacher(pipe, metrics, n_heldin: int = 300, n_heldout: int =
                      for j in range(diversity_seeds)])  # seed-major: reorder to prompt-major below
     gen = gen.view(diversity_seeds, diversity_prompts, *gen.shape[1:]).transpose(0, 1).flatten(0, 1)
     real = common.to_tensor(scenes.render_prompts(repeated, seed=seed + 503))
-    shape = (diversity_prompts, diversity_seeds, -1)
+    groups = [range(i * diversity_seeds, (i + 1) * diversity_seeds) for i in range(diversity_prompts)]
     result["diversity"] = {
         "prompts": diversity_prompts,
         "seeds": diversity_seeds,
-        "teacher": round(per_prompt_diversity(metrics.features(gen).view(shape)), 4),
-        "real": round(per_prompt_diversity(metrics.features(real).view(shape)), 4),
+        "teacher": round(per_prompt_diversity(metrics.features(gen), groups), 4),
+        "real": round(per_prompt_diversity(metrics.features(real), groups), 4),
     }
     result["diversity"]["ratio"] = round(result["diversity"]["teacher"] / result["diversity"]["real"], 4)
     return result
@@ -186,4 +175,4 @@ def check_bars(evaluation: dict) -> dict:
     return {k: {"value": v, "threshold": t, "met": bool(m)} for k, (v, t, m) in out.items()}
 
 
-__all__ = ["check_bars", "distillation_matters", "evaluate_scenes_teacher", "per_prompt_diversity"]
+__all__ = ["check_bars", "distillation_matters", "evaluate_scenes_teacher"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from tlcm.errors import TLCMError
 from tlcm.math.frechet import frechet_distance_from_features
+from tlcm.math.manifold import knn_precision_recall
 from tlcm.toy import common, shapes
 
 
@@ -290,18 +291,4 @@ class ToyMetrics:
 
     def precision_recall(self, images_real, images_fake, k: int = 5) -> tuple[float, float]:
         """Improved precision/recall (k-NN manifolds) in feature space."""
-        return precision_recall_from_features(self.features(images_real), self.features(images_fake), k)
-
-
-def precision_recall_from_features(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> tuple[float, float]:
-    k = max(1, min(k, len(real) - 1, len(fake) - 1))  # tiny sets: the k-th neighbour must exist
-
-    def radii(x):
-        d = torch.cdist(x, x)
-        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is its own nearest neighbour
-
-    r_real, r_fake = radii(real), radii(fake)
-    d = torch.cdist(fake, real)  # (n_fake, n_real)
-    precision = (d <= r_real[None, :]).any(1).float().mean()
-    recall = (d.T <= r_fake[None, :]).any(1).float().mean()
-    return float(precision), float(recall)
+        return knn_precision_recall(self.features(images_real), self.features(images_fake), k)
