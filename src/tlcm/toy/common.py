@@ -68,6 +68,17 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def save_weights_atomic(state: dict, path: str | os.PathLike, half: bool = False) -> None:
+    """A state dict as safetensors (contiguous, floating tensors in fp16 with ``half``) through a temporary file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous()
+               for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
 def atomic_save_image(img: Image.Image, path: str | os.PathLike) -> None:
     """Save a PIL image as PNG through a temporary file and a rename."""
     path = Path(path)

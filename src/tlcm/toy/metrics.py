@@ -94,7 +94,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train the attribute classifier on rendered images; writes ``classifier.safetensors``, ``config.json``,
     ``report.json`` (accuracy per attribute on fresh real images, real-vs-real toy-FID floor). Resumable."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     if (out / "report.json").is_file() and (out / "classifier.safetensors").is_file():
@@ -140,9 +139,7 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
         model=model, opt=opt, sched=sched,
     )
     model.eval()
-    tmp = out / ".classifier.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out / "classifier.safetensors")
+    common.save_weights_atomic(model.state_dict(), out / "classifier.safetensors")
     common.write_json(out / "config.json", model.config)
     metrics = ToyMetrics(model)
     report = {"train_seconds": round(clock.seconds, 1), **common.loss_summary(history)}

@@ -293,7 +293,6 @@ def _prepare(cfg: RewardConfig, world, out: Path, progress: bool) -> dict:
 def train_reward(cfg: RewardConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train the toy reward model; writes ``reward.safetensors`` (fp16), ``config.json``, ``report.json`` and
     ``config.yaml`` to ``out_dir``. Resumable (``checkpoint.pt``, cached data in ``data.pt``)."""
-    from safetensors.torch import save_file
 
     from tlcm.toy.metrics import MetricsConfig
 
@@ -355,10 +354,7 @@ def train_reward(cfg: RewardConfig, out_dir: str | Path, progress: bool = True) 
 
     # 5. export (fp16, as shipped) and evaluate the exported weights
     net.eval()
-    state = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(out / WEIGHTS)
+    common.save_weights_atomic(net.state_dict(), out / WEIGHTS, half=True)
     model_cfg = {**net.config, "resolution": int(world.RESOLUTION), "max_length": cfg.max_length, "world": cfg.world,
                  "seed": cfg.seed, "data_seed": cfg.data_seed}
     common.write_json(out / CONFIG, model_cfg)

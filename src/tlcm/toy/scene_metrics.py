@@ -196,7 +196,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train the scene classifier; writes ``classifier.safetensors``, ``config.json``, ``report.json``. Resumable."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     if (out / "report.json").is_file() and (out / "classifier.safetensors").is_file():
@@ -247,9 +246,7 @@ def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: 
     history = common.run_training(train_step, start, cfg.steps, ckpt, cfg.checkpoint_every, "train-metrics (v4)",
                                   progress, model=model, opt=opt, sched=sched)
     model.eval()
-    tmp = out / ".classifier.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out / "classifier.safetensors")
+    common.save_weights_atomic(model.state_dict(), out / "classifier.safetensors")
     common.write_json(out / "config.json", model.config)
     metrics = SceneMetricsModel(model)
     report = {"train_seconds": round(clock.seconds, 1), **common.loss_summary(history)}
