@@ -74,6 +74,7 @@ class Networks:
     heads: torch.nn.Module | None = None  # the discriminator heads, when the GAN is on
     _trainable: set[int] = field(default_factory=set)
     _candidates: list[torch.nn.Parameter] | None = None
+    _layers: list | None = None
 
     # --- which parameters exist, and which train in the current phase ---------------------------------------------
 
@@ -111,39 +112,50 @@ class Networks:
 
     # --- which network a forward pass is --------------------------------------------------------------------------
 
+    def _tuner_layers(self) -> list:
+        """The peft layers of the teacher's UNet, found once (diffusers' switches walk every module per call)."""
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._layers = [m for m in self.teacher_unet.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
+
     @contextlib.contextmanager
     def use(self, role: str):
         """Yield the module to call as ``role``: ``teacher`` (adapters off), ``fake`` (the fake adapter alone) or
-        ``student`` (its own adapter, the default state). The previous state is restored on exit."""
+        ``student`` (its own adapter, the default state). The previous state is restored on exit.
+
+        The switches are peft's own per-layer ``enable_adapters`` / ``set_adapter``, which also set
+        ``requires_grad`` on the adapters; the trainable set is re-applied after each of them."""
         if role == "student":
             yield self.student
             return
         base = self.teacher_unet
-        has_adapters = self.is_lora or self.fake_config is not None
         if role == "teacher":
-            if not has_adapters:
+            if not (self.is_lora or self.fake_config is not None):
                 yield base
                 return
-            base.disable_adapters()
-            self._apply_trainable()
+            self._switch(lambda layer: layer.enable_adapters(False))
             try:
                 yield base
             finally:
-                base.enable_adapters()
-                self._apply_trainable()
+                self._switch(lambda layer: layer.enable_adapters(True))
         elif role == "fake":
             assert self.fake_config is not None, "no fake-score adapter was built"
             if self.is_lora:
-                base.set_adapter(FAKE_ADAPTER)
-            self._apply_trainable()
+                self._switch(lambda layer: layer.set_adapter([FAKE_ADAPTER]))
             try:
                 yield base
             finally:
                 if self.is_lora:
-                    base.set_adapter(ADAPTER_NAME)
-                self._apply_trainable()
+                    self._switch(lambda layer: layer.set_adapter([ADAPTER_NAME]))
         else:
             raise ValueError(f"unknown network role {role!r}")
+
+    def _switch(self, fn) -> None:
+        for layer in self._tuner_layers():
+            fn(layer)
+        self._apply_trainable()
 
     @contextlib.contextmanager
     def teacher_context(self, unwrapped_student=None):
