@@ -166,7 +166,7 @@ def register_checkpoint_hooks(accelerator, parts: dict[str, Part], drop_prepared
 
 def check_in_sync(accelerator, parts: dict[str, Part]) -> None:
     """All processes hold the same weights (parts synced by hand); an internal error otherwise."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or not parts:
         return
     local = torch.stack([p.checksum() for p in parts.values()]).to(accelerator.device)
     every = accelerator.gather(local[None]).reshape(accelerator.num_processes, -1)
