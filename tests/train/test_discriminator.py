@@ -83,3 +83,39 @@ def test_adapter_switches_keep_the_trainable_set(student, tiny_cfg):
     assert (outs["fake"] - outs["teacher"]).abs().max() > 1e-4
     if student == "lora":  # B starts at zero: the untrained student equals the teacher
         torch.testing.assert_close(outs["student"], outs["teacher"], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_in_the_role_of_the_forward(tiny_cfg):
+    """Non-reentrant checkpointing recomputes during backward, after the role context closed: the fake adapter's and
+    the frozen teacher's gradients must equal those of an uncheckpointed UNet (and the student's adapter, unused in
+    those passes, must receive nothing)."""
+    from tlcm.train.student import build_networks
+
+    z, t, e = _inputs()
+    results = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        nets = build_networks(tiny_sd15_components(0)["unet"], tiny_cfg(dmd_weight=1.0, gradient_checkpointing=ckpt))
+        with torch.no_grad():  # both adapters non-trivial and different, identically in both builds
+            g = torch.Generator().manual_seed(1)
+            for p in nets.student_parameters() + nets.fake_parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        nets.student.train()
+        nets.set_trainable(nets.fake_parameters())  # the fake phase
+        with nets.use("fake") as net:
+            out = net(z, t, e).sample
+        out.pow(2).mean().backward()  # outside the context, as the loop does
+        fake_grads = [p.grad.clone() for p in nets.fake_parameters()]
+        assert all(p.grad is None for p in nets.student_parameters())
+        for p in nets.fake_parameters():
+            p.grad = None
+        nets.set_trainable(nets.student_parameters())  # the student phase's GAN term through the frozen teacher
+        zz = z.clone().requires_grad_(True)
+        with nets.use("teacher") as net:
+            out = net(zz, t, e).sample
+        out.pow(2).mean().backward()
+        assert all(p.grad is None for p in nets.student_parameters() + nets.fake_parameters())
+        results[ckpt] = (fake_grads, zz.grad.clone())
+    for a, b in zip(results[False][0], results[True][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[False][1], results[True][1], rtol=1e-5, atol=1e-7)

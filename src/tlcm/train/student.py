@@ -75,6 +75,8 @@ class Networks:
     _trainable: set[int] = field(default_factory=set)
     _candidates: list[torch.nn.Parameter] | None = None
     _layers: list | None = None
+    _role: str = "student"
+    _blocks: dict = field(default_factory=dict)
 
     # --- which parameters exist, and which train in the current phase ---------------------------------------------
 
@@ -104,10 +106,10 @@ class Networks:
         self._trainable = {id(p) for p in params}
         self._apply_trainable()
 
-    def _apply_trainable(self) -> None:
+    def _apply_trainable(self, params: list[torch.nn.Parameter] | None = None) -> None:
         if not self._trainable:
             return
-        for p in self._all_trainable():
+        for p in self._all_trainable() if params is None else params:
             p.requires_grad_(id(p) in self._trainable)
 
     # --- which network a forward pass is --------------------------------------------------------------------------
@@ -130,32 +132,76 @@ class Networks:
         if role == "student":
             yield self.student
             return
-        base = self.teacher_unet
-        if role == "teacher":
-            if not (self.is_lora or self.fake_config is not None):
-                yield base
-                return
-            self._switch(lambda layer: layer.enable_adapters(False))
-            try:
-                yield base
-            finally:
-                self._switch(lambda layer: layer.enable_adapters(True))
-        elif role == "fake":
-            assert self.fake_config is not None, "no fake-score adapter was built"
-            if self.is_lora:
-                self._switch(lambda layer: layer.set_adapter([FAKE_ADAPTER]))
-            try:
-                yield base
-            finally:
-                if self.is_lora:
-                    self._switch(lambda layer: layer.set_adapter([ADAPTER_NAME]))
-        else:
+        if role not in ("teacher", "fake"):
             raise ValueError(f"unknown network role {role!r}")
-
-    def _switch(self, fn) -> None:
-        for layer in self._tuner_layers():
-            fn(layer)
+        assert role == "teacher" or self.fake_config is not None, "no fake-score adapter was built"
+        assert self._role == "student", f"nested network roles ({self._role} inside, {role} asked)"
+        self._set_role(self._tuner_layers(), role)
         self._apply_trainable()
+        self._role = role
+        try:
+            yield self.teacher_unet
+        finally:
+            self._role = "student"
+            self._set_role(self._tuner_layers(), "student")
+            self._apply_trainable()
+
+    def _set_role(self, layers: list, role: str) -> None:
+        """Put peft ``layers`` of the teacher's UNet in the state of ``role`` (the student state: adapters on,
+        the student's active)."""
+        if role == "teacher":
+            for layer in layers:
+                layer.enable_adapters(False)
+        elif role == "fake" and self.is_lora:
+            for layer in layers:
+                layer.set_adapter([FAKE_ADAPTER])
+        elif role == "student":
+            for layer in layers:
+                if self.is_lora and layer.active_adapters != [ADAPTER_NAME]:
+                    layer.set_adapter([ADAPTER_NAME])
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+
+    # --- gradient checkpointing across roles ----------------------------------------------------------------------
+
+    def checkpoint_function(self):
+        """diffusers' ``gradient_checkpointing_func`` that remembers the role of the forward pass.
+
+        Non-reentrant checkpointing recomputes a block's forward during ``backward``, which runs after the role
+        context has closed: the recomputation would use the student's adapter where the forward used the fake one
+        (or none). This function records the role at forward time and re-applies it to the block's own peft layers
+        (and their ``requires_grad``) for the recomputation only.
+        """
+        import torch.utils.checkpoint
+
+        def fn(module, *args):
+            role = self._role
+
+            def run(*inner):
+                if self._role == role:
+                    return module(*inner)
+                layers, params = self._block(module)
+                self._set_role(layers, role)
+                self._apply_trainable(params)
+                try:
+                    return module(*inner)
+                finally:
+                    self._set_role(layers, self._role)
+                    self._apply_trainable(params)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        return fn
+
+    def _block(self, module) -> tuple[list, list[torch.nn.Parameter]]:
+        key = id(module)
+        if key not in self._blocks:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            candidates = {id(p) for p in self._all_trainable()}
+            self._blocks[key] = ([m for m in module.modules() if isinstance(m, BaseTunerLayer)],
+                                 [p for p in module.parameters() if id(p) in candidates])
+        return self._blocks[key]
 
     @contextlib.contextmanager
     def teacher_context(self, unwrapped_student=None):
@@ -255,9 +301,10 @@ def _build_student(unet, cfg: DistillConfig, weight_dtype: torch.dtype) -> Netwo
             unet.add_adapter(config, adapter_name=ADAPTER_NAME)
         for name, p in unet.named_parameters():
             p.requires_grad_("lora_" in name)
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        return Networks(unet, unet, None, True, config)
+        nets = Networks(unet, unet, None, True, config)
+        if cfg.gradient_checkpointing:  # the teacher, student and fake score share this UNet: role-aware recompute
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=nets.checkpoint_function())
+        return nets
 
     if wants_embed and not has_embed:
         from diffusers import UNet2DConditionModel
