@@ -476,6 +476,7 @@ def distill(
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
                desc=f"distill {cfg.recipe}", dynamic_ncols=True)
     last_logs: dict[str, float] = {}
+    phase_s: dict[str, float] = {}  # wall time per phase (the cost of each technique)
     for module in {id(m): m for m in (student_module, networks.heads) if m is not None}.values():
         module.train()
     while global_step < cfg.max_steps:
@@ -485,7 +486,9 @@ def distill(
         logs: dict[str, float] = {}
         for phase in phases:
             if phase.due(global_step):
+                t_phase = time.time()
                 logs.update(run_phase(phase, parts, micro_batches, losses, networks, accelerator, cfg, output_dir))
+                phase_s[phase.name] = phase_s.get(phase.name, 0.0) + time.time() - t_phase
         global_step += 1
         bar.update(1)
 
@@ -519,6 +522,7 @@ def distill(
             "trainable_parameters": sum(p.numel() for p in parts["student"].params),
             "parts": {name: {"parameters": sum(p.numel() for p in part.params), "updates": part.updates}
                       for name, part in parts.items()},
+            "phase_seconds": {k: round(v, 2) for k, v in phase_s.items()},
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
         export_output(cfg, pipe, raw_student, networks, output_dir, summary, validation_grid=grid)
