@@ -233,3 +233,33 @@ def test_stored_text_embeddings_are_used(tiny_cfg, monkeypatch):
     distill(tiny_cfg(max_steps=1, validation_prompts=[]), pipe=tiny_sd15_pipeline(0), dataset_fn=lambda r, w: recs,
             log_with=None, progress=False)
     assert seen and set(seen) == {""}
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_every_random_init_follows_the_seed_alone(student):
+    """Equal configs build equal networks whatever the global RNG holds, and building leaves the global RNG as it
+    was: the student (LoRA A matrices; a full student's new guidance embedding), the fake adapter and the heads."""
+    from tlcm.testing import tiny_sd15_components
+    from tlcm.train.config import DistillConfig
+    from tlcm.train.student import build_networks
+
+    def build(global_seed: int, seed: int = 3):
+        cfg = DistillConfig(teacher="t", student=student, lora_rank=4, lora_alpha=4, seed=seed, dmd_weight=1.0,
+                            gan_weight=0.1, guidance_embedding=student == "full")
+        unet = tiny_sd15_components(0)["unet"]
+        torch.manual_seed(global_seed)
+        nets = build_networks(unet, cfg)
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # the global RNG did not move
+        return {name: p.detach().clone() for name, p in
+                [*nets.student.named_parameters(), *nets.teacher_unet.named_parameters(),
+                 *(("heads." + n, p) for n, p in nets.heads.named_parameters())]}
+
+    a, b, c = build(0), build(1), build(0, seed=4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the randomly initialised tensors (GroupNorm affine and lora_B start as constants)
+    random = [k for k in a if "lora_A" in k or "cond_proj.weight" in k or (k.startswith("heads.") and a[k].ndim > 1)]
+    assert any("fake" in k for k in random) and any(k.startswith("heads.") for k in random)
+    assert any("cond_proj" in k for k in random) == (student == "full")
+    assert all(not torch.equal(a[k], c[k]) for k in random)  # another seed, other inits
