@@ -4,8 +4,6 @@ persistent extra-loss state, an unchanged export format, and the state sources o
 from __future__ import annotations
 
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -17,29 +15,12 @@ from tlcm.train.loop import distill
 CALLS: list[int] = []
 
 
-@pytest.fixture
-def stand_in_reward(monkeypatch):
-    """A differentiable stand-in for tlcm.losses.reward (the reward helper's module): redness minus blueness."""
-    mod = types.ModuleType("tlcm.losses.reward")
+@pytest.fixture(scope="module")
+def clip_reward(tmp_path_factory):
+    """A tiny CLIP score saved like a hub checkpoint: the reward spec ``clip:DIR`` (tlcm.losses.reward)."""
+    from tests.losses.test_reward import save_clip, tiny_clip
 
-    def load_reward(spec, device, dtype):
-        assert spec == "stand-in"
-
-        def reward(images, prompts):
-            assert images.min() >= 0 and images.max() <= 1 and len(prompts) == images.shape[0]
-            return (images[:, 0] - images[:, 2]).mean(dim=(1, 2))
-
-        return reward
-
-    def reward_loss(r, r_mismatch=None, kind="plain", margin=0.0):
-        if kind == "plain":
-            return -r.mean()
-        out = torch.relu(margin - r).mean()
-        return out + (torch.relu(margin - (r - r_mismatch)).mean() if r_mismatch is not None else 0.0)
-
-    mod.load_reward, mod.reward_loss = load_reward, reward_loss
-    monkeypatch.setitem(sys.modules, "tlcm.losses.reward", mod)
-    return mod
+    return f"clip:{save_clip(tmp_path_factory.mktemp('reward') / 'clip', tiny_clip(0))}"
 
 
 @pytest.fixture
@@ -62,12 +43,12 @@ MULTI = dict(recipe="mlcd", dmd_weight=1.0, gan_weight=0.1, gan_backbone="fake",
              gan_real_steps=2, student_update_every=2, gradient_accumulation_steps=2, max_steps=3,
              checkpointing_steps=1, checkpoints_total_limit=3, learning_rate=1e-2, fake_learning_rate=1e-2,
              disc_learning_rate=1e-2,
-             reward_model="stand-in", reward_weight=0.5, reward_kind="hinge", reward_margin=1.0,
+             reward_weight=0.5, reward_kind="hinge", reward_margin=1e3, reward_mismatch_margin=0.5,
              reward_sample_steps=[1, 2], extra_losses={"unit_test_counter": 1.0}, validation_prompts=[])
 
 
-def _run(tiny_cfg, dataset_fn, out, resume=None, **kw):
-    cfg = tiny_cfg(output_dir=str(out), **{**MULTI, **kw})
+def _run(tiny_cfg, dataset_fn, out, reward, resume=None, **kw):
+    cfg = tiny_cfg(output_dir=str(out), reward_model=reward, **{**MULTI, **kw})
     return distill(cfg, pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn, resume=resume, log_with=None,
                    progress=False)
 
@@ -86,9 +67,9 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def test_multi_part_resume_is_bit_identical(tiny_cfg, dataset_fn, tmp_path, stand_in_reward, counting_loss):
+def test_multi_part_resume_is_bit_identical(tiny_cfg, dataset_fn, tmp_path, clip_reward, counting_loss):
     full = tmp_path / "full"
-    _run(tiny_cfg, dataset_fn, full)
+    _run(tiny_cfg, dataset_fn, full, clip_reward)
     assert CALLS == [1, 2, 3, 4]  # student phase at steps 0 and 2 (every 2nd), 2 micro-batches each
     ck1, ck3 = full / "checkpoints" / "checkpoint-1", full / "checkpoints" / "checkpoint-3"
     files = ["student_lora.safetensors", "fake_lora.safetensors"]
@@ -106,7 +87,7 @@ def test_multi_part_resume_is_bit_identical(tiny_cfg, dataset_fn, tmp_path, stan
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(ck1, part / "checkpoints" / "checkpoint-1")
     CALLS.clear()
-    _run(tiny_cfg, dataset_fn, part, resume="latest")
+    _run(tiny_cfg, dataset_fn, part, clip_reward, resume="latest")
     assert CALLS == [3, 4]  # the extra loss's state came back with the checkpoint
     rk3 = part / "checkpoints" / "checkpoint-3"
     for f in files:
@@ -117,7 +98,7 @@ def test_multi_part_resume_is_bit_identical(tiny_cfg, dataset_fn, tmp_path, stan
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exported_student_is_one_plain_lora(tiny_cfg, dataset_fn, tmp_path, stand_in_reward):
+def test_exported_student_is_one_plain_lora(tiny_cfg, dataset_fn, tmp_path, clip_reward):
     """Fake adapter and discriminator heads never reach the output folder: same keys as an lcm run, and the file
     loads in plain diffusers as the trained student."""
     from diffusers import StableDiffusionPipeline
@@ -127,8 +108,9 @@ def test_exported_student_is_one_plain_lora(tiny_cfg, dataset_fn, tmp_path, stan
 
     out = tmp_path / "dmd"
     trained = tiny_sd15_pipeline(0)
-    cfg = tiny_cfg(output_dir=str(out), **{**MULTI, "gan_backbone": "teacher", "max_steps": 1,
-                                           "gradient_accumulation_steps": 1, "extra_losses": {}})
+    cfg = tiny_cfg(output_dir=str(out), reward_model=clip_reward, **{**MULTI, "gan_backbone": "teacher",
+                                                                     "max_steps": 1, "gradient_accumulation_steps": 1,
+                                                                     "extra_losses": {}})
     distill(cfg, pipe=trained, dataset_fn=dataset_fn, log_with=None, progress=False)
     unet = tiny_sd15_components(0)["unet"]
     build_networks(unet, DistillConfig(teacher="t", lora_rank=4, lora_alpha=4))  # what an lcm run exports
@@ -151,7 +133,7 @@ def test_exported_student_is_one_plain_lora(tiny_cfg, dataset_fn, tmp_path, stan
 
 
 @pytest.mark.parametrize("backbone", ["teacher", "fake"])
-def test_each_phase_steps_its_part_alone(backbone, tiny_cfg, dataset_fn, tmp_path, monkeypatch, stand_in_reward):
+def test_each_phase_steps_its_part_alone(backbone, tiny_cfg, dataset_fn, tmp_path, monkeypatch, clip_reward):
     import tlcm.train.loop as loop
     from tlcm.train.parts import Part
 
@@ -172,7 +154,8 @@ def test_each_phase_steps_its_part_alone(backbone, tiny_cfg, dataset_fn, tmp_pat
 
     monkeypatch.setattr(loop, "build_parts", spy_build)
     monkeypatch.setattr(Part, "sync_gradients", spy_sync)
-    cfg = tiny_cfg(output_dir=str(tmp_path / "o"), **{**MULTI, "gan_backbone": backbone, "max_steps": 1,
+    cfg = tiny_cfg(output_dir=str(tmp_path / "o"), reward_model=clip_reward, **{**MULTI, "gan_backbone": backbone,
+                                                                                "max_steps": 1,
                                                       "gradient_accumulation_steps": 1, "extra_losses": {},
                                                       "checkpointing_steps": 0})
     distill(cfg, pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn, log_with=None, progress=False)

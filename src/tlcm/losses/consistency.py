@@ -275,7 +275,7 @@ def lcm_loss_at(
     schedule: NoiseSchedule,
     skip: int = 20,
     boundary: str = "lcm",
-    loss_type: str = "huber",
+    loss_type: str | PerSampleDistance = "huber",
     huber_c: float = 1e-3,
     sigma_data: float = 0.5,
     timestep_scaling: float = 10.0,
@@ -328,7 +328,7 @@ def mlcd_loss_at(
     schedule: NoiseSchedule,
     edges: torch.Tensor,
     skip: int = 20,
-    loss_type: str = "l2",
+    loss_type: str | PerSampleDistance = "l2",
     huber_c: float = 1e-3,
 ) -> LossOutput:
     """:func:`mlcd_loss` from a given state ``z`` at ``t_start`` (a teacher-path or stored trajectory state)."""

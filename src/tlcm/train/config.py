@@ -118,7 +118,8 @@ class DistillConfig:
     reward_model: str = ""  # spec for tlcm.losses.reward.load_reward: toy | clip:PATH | pickscore:PATH | aesthetic:W
     reward_weight: float = 0.0
     reward_kind: str = "plain"  # plain (-R) | hinge (the paper: margin, plus a hinge on a mismatched prompt)
-    reward_margin: float = 0.0
+    reward_margin: float = 0.0  # the hinge's margin in the reward's units; 0: the reward's default_margin (toy)
+    reward_mismatch_margin: float = 0.0  # how much more an image must score with its own prompt than another one
     reward_sample_steps: list[int] = field(default_factory=lambda: [4])  # the student walks one of these step
     # counts (drawn per step); the reward sees the x0 of its last, lowest-noise step (gradient through that step only)
 

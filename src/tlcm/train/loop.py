@@ -349,25 +349,35 @@ def _make_accelerator(cfg: DistillConfig, output_dir: Path, log_with):
 
 
 def _load_reward(cfg: DistillConfig, device, dtype):
-    """The reward callable and loss of ``tlcm.losses.reward`` (``load_reward(spec, device, dtype)``)."""
-    try:
-        from tlcm.losses.reward import load_reward, reward_loss
-    except ImportError as err:
-        raise TLCMError(f"reward learning needs tlcm.losses.reward, which this installation lacks ({err})",
-                        "set reward_weight=0, or install a tlcm with the reward module") from err
-    return load_reward(cfg.reward_model, device, dtype), reward_loss
+    """The frozen reward model (:func:`tlcm.losses.reward.load_reward`) and the hinge margin in its units:
+    ``reward_margin``, or when that is 0 the model's own ``default_margin``; ``None`` for the plain loss."""
+    from tlcm.losses.reward import load_reward
+
+    reward = load_reward(cfg.reward_model, device, dtype)
+    if cfg.reward_kind != "hinge":
+        return reward, None
+    margin = cfg.reward_margin or reward.default_margin
+    if margin is None:
+        raise TLCMError(f"reward_kind=hinge needs a margin in the units of {cfg.reward_model!r}, which knows none",
+                        "set reward_margin (the TLCM paper: 16 for MPS; a CLIP score is 100 * cos), or "
+                        "reward_kind=plain")
+    if reward.conditional and cfg.batch_size < 2 and len(set(cfg.validation_prompts)) < 2:
+        raise TLCMError("the hinge on a mismatched prompt needs another prompt for each image, but the batch holds "
+                        "one and validation_prompts (the pool of other prompts) fewer than two",
+                        "raise batch_size, list two or more validation_prompts, or set reward_kind=plain")
+    return reward, float(margin)
 
 
 def _distance_kind(cfg: DistillConfig, device):
-    """``cfg.loss_type``, or for ``lpips`` the latent-LPIPS distance callable built from ``lpips_weights``."""
+    """``cfg.loss_type``, or for ``lpips`` the latent LPIPS (:func:`tlcm.losses.perceptual.load_latent_lpips`), a
+    per-sample distance callable that :func:`tlcm.losses.consistency.distance` averages. Kept in float32: the
+    consistency targets lie close to the prediction, and low-precision features would round their difference away
+    (autocast still runs its convolutions in the mixed precision)."""
     if cfg.loss_type != "lpips":
         return cfg.loss_type
-    try:
-        from tlcm.losses.perceptual import load_latent_lpips
-    except ImportError as err:
-        raise TLCMError(f"loss_type=lpips needs tlcm.losses.perceptual, which this installation lacks ({err})",
-                        "use loss_type=l2 or huber") from err
-    return load_latent_lpips(cfg.lpips_weights, device=device)
+    from tlcm.losses.perceptual import load_latent_lpips
+
+    return load_latent_lpips(cfg.lpips_weights, device, torch.float32)
 
 
 def _real_batches(cfg: DistillConfig, accelerator) -> Iterable[dict] | None:
@@ -442,9 +452,9 @@ def distill(
     accelerator.register_for_checkpointing(train_state)
     register_checkpoint_hooks(accelerator, parts, drop_prepared_models=networks.is_lora and parts["student"].prepared)
     raw_student = networks.student
-    reward = reward_loss_fn = None
+    reward = reward_margin = None
     if cfg.reward_weight > 0:
-        reward, reward_loss_fn = _load_reward(cfg, device, weight_dtype)
+        reward, reward_margin = _load_reward(cfg, device, weight_dtype)
 
     # 3. data ---------------------------------------------------------------------------------------------------------
     dataset = (dataset_fn or shards_dataset_fn(cfg))(accelerator.process_index, accelerator.num_processes)
@@ -453,7 +463,8 @@ def distill(
     encoder = PromptEncoder(pipe, height, width)  # SDXL time_ids follow the training size
     losses = StepLosses(cfg, networks, student_module, schedule, encoder, device, weight_dtype,
                         accelerator.process_index, train_state.extra_losses, vae=pipe.vae, reward=reward,
-                        reward_loss_fn=reward_loss_fn, distance_kind=_distance_kind(cfg, device))
+                        reward_margin=reward_margin, prompt_pool=sorted(set(cfg.validation_prompts)),
+                        distance_kind=_distance_kind(cfg, device))
 
     # 4. resume -----------------------------------------------------------------------------------------------------
     start_step = 0

@@ -9,7 +9,7 @@ each phase trains one part and calls one method of :class:`StepLosses` per micro
   the discriminator is built on the fake score (DMD2);
 * ``discriminator``: ``gan_disc_weight * GAN_D`` on the frozen teacher's features (heads only).
 
-The formulas are in :mod:`tlcm.losses` (consistency, dmd, adversarial) and the reward module; this module only binds
+The formulas are in :mod:`tlcm.losses` (consistency, dmd, adversarial, reward); this module only binds
 networks and conditioning to them and draws their random inputs. Each draw comes from a generator seeded by
 ``(seed, step, stream, micro-batch, rank)`` (:func:`step_generator`), so a resumed run draws exactly what the
 uninterrupted one did, whichever phases ran before. Decisions that must agree across processes (how many steps the
@@ -24,7 +24,7 @@ student phase did not run this step (two time-scale rule).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +48,13 @@ from tlcm.losses import (
 )
 from tlcm.losses.adversarial import discriminator_loss, generator_loss
 from tlcm.losses.dmd import distribution_matching_loss, fake_score_loss
+from tlcm.losses.reward import decode_for_reward, mismatched_prompts, reward_loss
 from tlcm.math import segment_edges
 from tlcm.train.config import DistillConfig
 from tlcm.train.recipes import edges_of, sample_training_times, sampling_plan, stage2_source_plan
 
 # random streams of a step (stream 0 keeps the consistency recipes' original seeds)
-CONSISTENCY, SAMPLE, DMD, GAN_G, FAKE, GAN_D, REWARD, REAL, DECIDE = range(9)
+CONSISTENCY, SAMPLE, DMD, GAN_G, FAKE, GAN_D, REWARD, REAL, DECIDE, MISMATCH = range(10)
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, stream: int = CONSISTENCY) -> torch.Generator:
@@ -105,12 +106,12 @@ class StepLosses:
 
     def __init__(self, cfg: DistillConfig, networks, student_module, schedule: NoiseSchedule, encoder, device,
                  weight_dtype, rank: int, extra_state: dict[str, dict], vae=None, reward=None,
-                 reward_loss_fn: Callable | None = None, distance_kind: Any = None):
+                 reward_margin: float | None = None, prompt_pool: Sequence[str] = (), distance_kind: Any = None):
         self.cfg, self.networks, self.student_module = cfg, networks, student_module
         self.schedule, self.encoder, self.device, self.weight_dtype, self.rank = (schedule, encoder, device,
                                                                                  weight_dtype, rank)
         self.extra_state = extra_state
-        self.vae, self.reward, self.reward_loss_fn = vae, reward, reward_loss_fn
+        self.vae, self.reward, self.reward_margin, self.prompt_pool = vae, reward, reward_margin, list(prompt_pool)
         self.distance_kind = distance_kind if distance_kind is not None else cfg.loss_type
         self.raw_student = networks.student
         self.edges = torch.from_numpy(edges_of(cfg))
@@ -308,22 +309,30 @@ class StepLosses:
         return discriminator_loss([g[:n] for g in logits], [g[n:] for g in logits], self.cfg.gan_loss)
 
     def reward_term(self, mb: MicroBatch) -> torch.Tensor:
-        """The reward on the decoded ``reward_sample_steps`` output (gradient through its last, lowest-noise step)."""
+        """The reward loss (:func:`tlcm.losses.reward.reward_loss`) on the decoded ``reward_sample_steps`` output
+        (gradient through its last, lowest-noise step). The hinge form adds each image's reward under a mismatched
+        prompt when the reward reads the prompt (``reward.conditional``; an aesthetic score does not)."""
         cfg = self.cfg
         cond, _ = self.conditioning(mb)
         steps = self.choose_steps(mb, cfg.reward_sample_steps, REWARD)
         x = self._walk(mb, cond, steps, self.gen(mb, REWARD), grad=True)
-        vae = self.vae
-        z = x.to(vae.dtype) / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            z = z + vae.config.shift_factor
-        images = ((vae.decode(z, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
+        images = decode_for_reward(self.vae, x)  # the pipeline's image; straight-through clamp
         prompts = list(mb.batch["prompt"])
         r = self.reward(images, prompts)
         r_mismatch = None
-        if cfg.reward_kind == "hinge" and len(prompts) > 1:
-            r_mismatch = self.reward(images, prompts[1:] + prompts[:1])  # each image against another's prompt
-        return self.reward_loss_fn(r, r_mismatch, kind=cfg.reward_kind, margin=cfg.reward_margin)
+        if cfg.reward_kind == "hinge" and getattr(self.reward, "conditional", True):
+            r_mismatch = self.reward(images, self.mismatched(mb, prompts))
+        return reward_loss(r, r_mismatch, cfg.reward_kind, self.reward_margin, cfg.reward_mismatch_margin)
+
+    def mismatched(self, mb: MicroBatch, prompts: list[str]) -> list[str]:
+        """Another prompt for each image (:func:`tlcm.losses.reward.mismatched_prompts`), drawn from this step's
+        own stream: a resumed run pairs exactly as the uninterrupted one did."""
+        try:
+            return mismatched_prompts(prompts, self.gen(mb, MISMATCH), pool=self.prompt_pool)
+        except TLCMError as err:
+            raise TLCMError(f"step {mb.step + 1}: {err.problem}",
+                            "raise batch_size, list more distinct validation_prompts (the pool of other prompts), "
+                            "or set reward_kind=plain") from err
 
     # --- the phases -----------------------------------------------------------------------------------------------
 
