@@ -33,6 +33,7 @@ def _valid(**kw) -> DistillConfig:
         (dict(reward_weight=1.0), "no reward_model"),
         (dict(loss_type="lpips"), "lpips_weights"),
         (dict(student_update_every=0), "student_update_every=0"),
+        (dict(reward_mismatch_margin=-1.0), "reward_mismatch_margin=-1.0 must not be negative"),
     ],
 )
 def test_bad_technique_configs_fail_early(kw, match):
@@ -92,6 +93,11 @@ def test_dry_run_prints_parts_phases_and_schedule(capsys, tmp_path):
                  "phase student (trains student, every 1): 1 x tlcm stage-2 consistency + 1 x DMD",
                  "phase fake (trains fake, every 1): fake-score denoising", "real = the student's 4-step output"):
         assert text in out, text
+    assert main(["distill", "--preset", "toy-tlcm-reward", "--output-dir", "o", "--dry-run", "--set",
+                 f"init_lora={tmp_path / 'prev'}", "--set", "reward_kind=hinge", "--set", "reward_margin=3"]) == 0
+    out = capsys.readouterr().out
+    assert "reward: toy (hinge, margin 3.0, plus a hinge on a mismatched prompt (margin 0.0) when the reward reads " \
+           "the prompt), weight 0.1, on the decoded output of the student's [4]-step walk" in out
 
 
 def test_chain_presets_ship_and_match_repo_configs():

@@ -410,7 +410,7 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
 def _validate_techniques(cfg: DistillConfig, need_data: bool) -> None:
     """The bag of techniques and the state source: ranges, combinations, and what each one needs."""
     for key in ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight", "dmd_guidance_scale",
-                "fake_learning_rate", "disc_learning_rate", "gan_disc_weight"):
+                "fake_learning_rate", "disc_learning_rate", "gan_disc_weight", "reward_mismatch_margin"):
         if getattr(cfg, key) < 0:
             raise TLCMError(f"{key}={getattr(cfg, key)} must not be negative", f"set {key} to 0 or more")
     terms = ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight")

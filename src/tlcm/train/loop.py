@@ -646,6 +646,12 @@ def plan_text(cfg: DistillConfig) -> str:
                 else f"data latents ({cfg.gan_real_data or 'the training shards'})")
         lines.append(f"GAN: {cfg.gan_loss} loss, heads on the {cfg.gan_backbone}'s {cfg.gan_features} features at "
                      f"t ~ U[{cfg.gan_t_min}, {cfg.gan_t_max}]; real = {real}")
+    if cfg.reward_weight > 0:
+        form = "-R" if cfg.reward_kind == "plain" else (
+            f"hinge, margin {cfg.reward_margin or 'the reward default'}, plus a hinge on a mismatched prompt "
+            f"(margin {cfg.reward_mismatch_margin}) when the reward reads the prompt")
+        lines.append(f"reward: {cfg.reward_model} ({form}), weight {cfg.reward_weight}, on the decoded output of the "
+                     f"student's {cfg.reward_sample_steps}-step walk (gradient through its last step)")
     eff = cfg.batch_size * cfg.gradient_accumulation_steps
     lines.append(f"optimisation: {cfg.max_steps} steps x batch {cfg.batch_size} x accumulation "
                  f"{cfg.gradient_accumulation_steps} (= {eff} per process), precision {cfg.mixed_precision}")
