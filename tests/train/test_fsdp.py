@@ -187,3 +187,22 @@ def test_checkpoint_file_name_matches_the_unsharded_one():
     from tlcm.train.loop import LORA_CKPT_FILE
 
     assert distributed.LORA_FILE == LORA_CKPT_FILE
+
+
+def test_multi_part_runs_refuse_an_fsdp_launch(monkeypatch):
+    """DMD / GAN parts sync their own gradients on replicated weights: an FSDP launch of two processes is refused
+    before anything is sharded (accelerate itself reports plain processes: tlcm builds it without its FSDP plugin)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    two = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)
+    distributed.refuse_multi_part(two, 2)  # plain DDP: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    distributed.refuse_multi_part(two, 1)  # one part shards
+    distributed.refuse_multi_part(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO), 3)
+    with pytest.raises(TLCMError, match="not FSDP"):
+        distributed.refuse_multi_part(two, 2)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(TLCMError, match="DEEPSPEED"):
+        distributed.refuse_multi_part(SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED), 3)

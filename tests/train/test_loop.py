@@ -138,6 +138,37 @@ def test_output_folder_and_lora_loads_in_plain_diffusers(tiny_cfg, dataset_fn, t
     torch.testing.assert_close(via_peft, student, atol=1e-4, rtol=1e-4)  # and so is the peft folder
 
 
+def test_lora_alpha_other_than_rank_loads_at_its_trained_scale(tiny_cfg, dataset_fn, tmp_path):
+    """The diffusers file carries the adapter's LoraConfig: without it load_lora_weights assumes alpha = rank and
+    scales an alpha-8 rank-4 LoRA by 1 instead of 2."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from tlcm.testing import tiny_sd15_components
+
+    out = tmp_path / "alpha"
+    cfg = tiny_cfg(recipe="mlcd", output_dir=str(out), max_steps=2, learning_rate=0.05, lora_rank=4, lora_alpha=8,
+                   validation_prompts=[])
+    trained = tiny_sd15_pipeline(0)
+    distill(cfg, pipe=trained, dataset_fn=dataset_fn, log_with=None, progress=False)
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 8
+
+    z, t, e = torch.randn(2, 4, 16, 16), torch.tensor([499, 99]), torch.randn(2, 16, 32)
+    pipe = StableDiffusionPipeline(**tiny_sd15_components(0), requires_safety_checker=False)
+    with torch.no_grad():
+        student = trained.unet(z, t, e).sample
+        base = pipe.unet(z, t, e).sample
+        pipe.load_lora_weights(str(out))
+        lora = pipe.unet(z, t, e).sample
+    # the same float32 ops on the same weights: equal up to a few roundings of the output's magnitude (without the
+    # metadata the output differs by 0.87 here)
+    tol = 16 * torch.finfo(torch.float32).eps * float(student.abs().max())
+    assert float((student - base).abs().max()) > 1000 * tol  # the LoRA's part is far above the tolerance
+    torch.testing.assert_close(lora, student, atol=tol, rtol=0)
+
+
 def test_nan_loss_stops_with_step_and_checkpoint(tiny_cfg, dataset_fn):
     from tlcm.losses import register_loss, unregister_loss
 
@@ -233,3 +264,33 @@ def test_stored_text_embeddings_are_used(tiny_cfg, monkeypatch):
     distill(tiny_cfg(max_steps=1, validation_prompts=[]), pipe=tiny_sd15_pipeline(0), dataset_fn=lambda r, w: recs,
             log_with=None, progress=False)
     assert seen and set(seen) == {""}
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_every_random_init_follows_the_seed_alone(student):
+    """Equal configs build equal networks whatever the global RNG holds, and building leaves the global RNG as it
+    was: the student (LoRA A matrices; a full student's new guidance embedding), the fake adapter and the heads."""
+    from tlcm.testing import tiny_sd15_components
+    from tlcm.train.config import DistillConfig
+    from tlcm.train.student import build_networks
+
+    def build(global_seed: int, seed: int = 3):
+        cfg = DistillConfig(teacher="t", student=student, lora_rank=4, lora_alpha=4, seed=seed, dmd_weight=1.0,
+                            gan_weight=0.1, guidance_embedding=student == "full")
+        unet = tiny_sd15_components(0)["unet"]
+        torch.manual_seed(global_seed)
+        nets = build_networks(unet, cfg)
+        after = torch.rand(1)
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))  # the global RNG did not move
+        return {name: p.detach().clone() for name, p in
+                [*nets.student.named_parameters(), *nets.teacher_unet.named_parameters(),
+                 *(("heads." + n, p) for n, p in nets.heads.named_parameters())]}
+
+    a, b, c = build(0), build(1), build(0, seed=4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the randomly initialised tensors (GroupNorm affine and lora_B start as constants)
+    random = [k for k in a if "lora_A" in k or "cond_proj.weight" in k or (k.startswith("heads.") and a[k].ndim > 1)]
+    assert any("fake" in k for k in random) and any(k.startswith("heads.") for k in random)
+    assert any("cond_proj" in k for k in random) == (student == "full")
+    assert all(not torch.equal(a[k], c[k]) for k in random)  # another seed, other inits

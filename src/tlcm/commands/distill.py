@@ -1,4 +1,5 @@
-"""``tlcm distill``: train an LCM, MLCD (TLCM stage 1) or TLCM (stage 2) student from synthetic shards."""
+"""``tlcm distill``: train an LCM, MLCD (TLCM stage 1) or TLCM (stage 2) student from synthetic shards, with the bag
+of techniques (DMD, GAN, reward) when configured, or run a chain of such phases."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  tlcm distill --preset toy-mlcd --teacher toy --data shards/ --output-dir runs/mlcd\n"
         "  tlcm distill --preset toy-tlcm --teacher toy --data shards/ --output-dir runs/tlcm "
         "--set init_lora=runs/mlcd\n"
+        "  tlcm distill --preset toy-tlcm-full --data shards/ --output-dir runs/chain "
+        "--set stage1.max_steps=400   (a chain: stage 1 -> stage 2 -> reward -> DMD+GAN; re-run to resume)\n"
         "  accelerate launch --num_processes 2 -m tlcm.cli distill ...   (DDP; see docs/distill.md)"
     )
     parser.add_argument("--recipe", choices=["lcm", "mlcd", "tlcm"], help="what to train (default: the preset's)")
     parser.add_argument("--teacher", help="hub id, diffusers folder, or 'toy'")
     parser.add_argument("--data", help="shards folder written by `tlcm synthesize`")
     parser.add_argument("--output-dir", dest="output_dir", help="where checkpoints and the student go")
-    parser.add_argument("--preset", help="a shipped preset, e.g. toy-tlcm, sd15-lcm, sdxl-mlcd")
+    parser.add_argument("--preset", help="a shipped preset, e.g. toy-tlcm, sd15-lcm, sdxl-mlcd, or a chain of "
+                        "phases: toy-tlcm-full, sd15-tlcm-full, sdxl-tlcm-full (or a chain YAML file)")
     parser.add_argument("--config", help="a YAML file of config keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (repeatable), e.g. --set lora_rank=32")
@@ -36,10 +40,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tlcm.errors import TLCMError
+    from tlcm.train.chain import is_chain, run_chain
     from tlcm.train.config import resolve_config, validate_config
     from tlcm.train.loop import distill, plan_text
 
     flags = {k: getattr(args, k) for k in ("recipe", "teacher", "data", "output_dir", "max_steps", "seed", "device")}
+    if is_chain(args.preset):
+        if args.resume or args.recipe:
+            raise TLCMError("a chain sets each phase's recipe and resumes by itself",
+                            "drop --recipe and --resume (re-running the command continues the chain)")
+        out = run_chain(args.preset, args.config, flags, args.overrides, progress=not args.no_progress,
+                        dry_run=args.dry_run)
+        if not args.dry_run:
+            import os
+
+            if os.environ.get("RANK", "0") == "0":
+                print(f"chain finished; final student in {out}")
+        return 0
     cfg = resolve_config(args.preset, args.config, flags, args.overrides)
     if args.dry_run:
         validate_config(cfg, need_data=False, need_output=False)

@@ -9,8 +9,13 @@ An extra loss is a function ``fn(ctx: ExtraLossContext) -> torch.Tensor`` (a sca
         return ctx.main.prediction.pow(2).mean()
 
 and switched on from a config with a weight: ``extra_losses: {my_loss: 0.1}`` (or ``--set extra_losses.my_loss=0.1``).
-The trainer adds ``weight * fn(ctx)`` to the consistency loss and logs each term. Modules that define extra losses
+The trainer adds ``weight * fn(ctx)`` to the student's loss and logs each term. Modules that define extra losses
 must be imported before the config is validated (list them in ``extra_loss_modules`` in the config).
+
+``ctx.state`` is the loss's own dict, kept for the whole run and saved in every checkpoint (so a resumed run continues
+from the same state): put tensors, numbers, strings and containers of them there (anything ``torch.save`` pickles).
+The bag of techniques (DMD, GAN, reward) is built into the trainer as its own parts and phases (``docs/distill.md``);
+this hook is for terms that only need the student and the teacher.
 """
 
 from __future__ import annotations
@@ -25,17 +30,21 @@ from tlcm.errors import TLCMError
 from tlcm.losses.consistency import (
     LossOutput,
     NoiseSchedule,
+    backward_simulation,
     consistency_fn,
     distance,
     guidance_scale_embedding,
     l2,
     lcm_loss,
+    lcm_loss_at,
     mlcd_loss,
+    mlcd_loss_at,
     multistep_sample,
     pseudo_huber,
     segment_fn,
     teacher_ddim_cfg,
     teacher_ddim_cfg_substeps,
+    teacher_path_states,
     tlcm_loss,
 )
 
@@ -48,9 +57,9 @@ class ExtraLossContext:
     teacher: Callable
     schedule: NoiseSchedule
     batch: dict[str, Any]
-    main: LossOutput
+    main: LossOutput | None  # the consistency loss's output (None when consistency_weight is 0)
     step: int
-    state: dict[str, Any] = field(default_factory=dict)  # per-loss persistent state (e.g. an auxiliary model)
+    state: dict[str, Any] = field(default_factory=dict)  # this loss's persistent, checkpointed state
 
 
 ExtraLossFn = Callable[[ExtraLossContext], torch.Tensor]
@@ -85,13 +94,20 @@ def get_loss(name: str) -> ExtraLossFn:
     return _REGISTRY[name]
 
 
-def extra_losses_total(weights: dict[str, float], ctx: ExtraLossContext) -> tuple[torch.Tensor, dict[str, float]]:
-    """``sum_i w_i * loss_i(ctx)`` over the configured extra losses, plus each unweighted term for logging."""
-    total = torch.zeros((), device=ctx.main.loss.device)
+def extra_losses_total(weights: dict[str, float], ctx: ExtraLossContext,
+                       states: dict[str, dict[str, Any]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``sum_i w_i * loss_i(ctx)`` over the configured extra losses, plus each unweighted term for logging.
+
+    ``states``: the run's persistent per-loss states; loss ``name`` sees ``states[name]`` as ``ctx.state``.
+    """
+    device = ctx.main.loss.device if ctx.main is not None else None
+    total = torch.zeros((), device=device)
     parts: dict[str, float] = {}
     for name, weight in weights.items():
         if weight == 0:
             continue
+        if states is not None:
+            ctx.state = states.setdefault(name, {})
         value = get_loss(name)(ctx)
         parts[name] = float(value.detach())
         total = total + weight * value
@@ -102,6 +118,7 @@ __all__ = [
     "ExtraLossContext",
     "LossOutput",
     "NoiseSchedule",
+    "backward_simulation",
     "consistency_fn",
     "distance",
     "extra_losses_total",
@@ -109,7 +126,9 @@ __all__ = [
     "guidance_scale_embedding",
     "l2",
     "lcm_loss",
+    "lcm_loss_at",
     "mlcd_loss",
+    "mlcd_loss_at",
     "multistep_sample",
     "pseudo_huber",
     "register_loss",
@@ -117,6 +136,7 @@ __all__ = [
     "segment_fn",
     "teacher_ddim_cfg",
     "teacher_ddim_cfg_substeps",
+    "teacher_path_states",
     "tlcm_loss",
     "unregister_loss",
 ]

@@ -259,9 +259,29 @@ def lcm_loss(
     ``t_start`` are skipping-grid times ``t_{n+k}``; ``t_n = max(t_{n+k} - skip, 0)`` exactly as diffusers' scripts
     (whose lowest pair lands on ``t = 0``, where ``c_skip = 1``, ``c_out = 0``).
     """
-    t_prev = (t_start - skip).clamp(min=0)
     # 1. noise the (synthetic) clean latents to t_{n+k}
     z = schedule.add_noise(x0, noise, t_start)
+    return lcm_loss_at(student, target_net, teacher, z, t_start, w, schedule, skip, boundary, loss_type, huber_c,
+                       sigma_data, timestep_scaling)
+
+
+def lcm_loss_at(
+    student: Net,
+    target_net: Net,
+    teacher: GuidedNet,
+    z: torch.Tensor,
+    t_start: torch.Tensor,
+    w: torch.Tensor | float | None,
+    schedule: NoiseSchedule,
+    skip: int = 20,
+    boundary: str = "lcm",
+    loss_type: str | PerSampleDistance = "huber",
+    huber_c: float = 1e-3,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+) -> LossOutput:
+    """:func:`lcm_loss` from a given state ``z`` at ``t_start`` (a teacher-path or stored trajectory state)."""
+    t_prev = (t_start - skip).clamp(min=0)
     # 2. student prediction with the boundary condition
     pred = consistency_fn(student, z, t_start, schedule, boundary, sigma_data, timestep_scaling)
     # 3. teacher DDIM step with CFG to t_n, 4. target f_{theta^-} there (no gradient)
@@ -293,10 +313,27 @@ def mlcd_loss(
     edge. With one segment (``edges = [-1, T-1]``) this is LCM with the boundary at the clean end and no
     ``c_skip/c_out``: ``F`` at ``t_n = -1`` is the teacher's own clean estimate.
     """
-    edge = lower_edges(t_start, edges)
-    t_prev = torch.maximum(t_start - skip, edge)
     # 1. noise to t_{n+k}
     z = schedule.add_noise(x0, noise, t_start)
+    return mlcd_loss_at(student, target_net, teacher, z, t_start, w, schedule, edges, skip, loss_type, huber_c)
+
+
+def mlcd_loss_at(
+    student: Net,
+    target_net: Net,
+    teacher: GuidedNet,
+    z: torch.Tensor,
+    t_start: torch.Tensor,
+    w: torch.Tensor | float | None,
+    schedule: NoiseSchedule,
+    edges: torch.Tensor,
+    skip: int = 20,
+    loss_type: str | PerSampleDistance = "l2",
+    huber_c: float = 1e-3,
+) -> LossOutput:
+    """:func:`mlcd_loss` from a given state ``z`` at ``t_start`` (a teacher-path or stored trajectory state)."""
+    edge = lower_edges(t_start, edges)
+    t_prev = torch.maximum(t_start - skip, edge)
     # 2. student: DDIM jump of its own (x0, eps) to the lower edge
     pred = segment_fn(student, z, t_start, edge, schedule)
     # 3. teacher DDIM+CFG step to t_n, 4. target network's jump from there to the same edge
@@ -342,8 +379,83 @@ def tlcm_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# states on the teacher's own path (TLCM's "multistep denoising strategy")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def teacher_path_times(t_target: torch.Tensor, edges: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample times of the teacher's walk from the top edge ``e_M`` to ``t_target``: ``e_M``, then every edge
+    strictly between, then ``t_target`` (a sample already at its time repeats it).
+
+    A target in the segment ``(e_m, e_{m+1}]`` takes ``M - m`` steps (fewer when it sits on ``e_{m+1}``): one for the
+    top segment and ``M`` for the lowest, as the TLCM paper describes. The list has ``M + 1`` entries for every sample;
+    equal consecutive entries mean "no step".
+    """
+    edges = edges.to(t_target.device)
+    uppers = [int(e) for e in edges.flip(0)[:-1]]  # e_M, ..., e_1
+    times = [torch.full_like(t_target, uppers[0])]
+    for e in uppers[1:]:
+        times.append(torch.maximum(torch.full_like(t_target, e), t_target))
+    times.append(t_target.clone())
+    return times
+
+
+@torch.no_grad()
+def teacher_path_states(
+    teacher: GuidedNet,
+    noise: torch.Tensor,
+    t_target: torch.Tensor,
+    w: torch.Tensor | float | None,
+    schedule: NoiseSchedule,
+    edges: torch.Tensor,
+) -> torch.Tensor:
+    """``z_{t_target}`` from the teacher's own DDIM+CFG walk: start at unit ``noise`` at the top time (as sampling
+    does), step edge to edge, then to each sample's ``t_target`` (:func:`teacher_path_times`).
+
+    All samples take their steps in one batched teacher call per edge; a sample that has arrived keeps its state.
+    """
+    times = teacher_path_times(t_target, edges)
+    z = noise
+    for t, s in zip(times[:-1], times[1:]):
+        moving = t != s
+        if not bool(moving.any()):
+            continue
+        stepped = teacher_ddim_cfg(teacher, z, t, s, w, schedule)
+        z = torch.where(_bcast(moving, z).bool(), stepped, z)
+    return z
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # few-step sampling with a consistency student (stage-2 sources, validation, benchmarks)
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def backward_simulation(
+    net: Net,
+    noise: torch.Tensor,
+    timesteps: list[int],
+    schedule: NoiseSchedule,
+    mode: str = "lcm",
+    boundary: str = "lcm",
+    renoise_noise: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The student's few-step output with a graph on its **last** step only (DMD2's backward simulation).
+
+    The walk is :func:`multistep_sample`'s; every step but the last runs without gradient, so the returned clean
+    latent depends differentiably on the network through its final evaluation, at the lowest time of the walk: the
+    input that the DMD, GAN and reward terms train is exactly what the student sees when it samples in that many
+    steps.
+    """
+    times = [int(t) for t in timesteps]
+    z = noise
+    if len(times) > 1:
+        z = multistep_sample(net, noise, times[:-1], schedule, mode, boundary, renoise_noise,
+                             stop_at=times[-1])
+    tt = torch.full((z.shape[0],), times[-1], dtype=torch.long, device=z.device)
+    if mode == "segments":
+        x0, _ = schedule.x0_eps(net(z, tt), z, tt)
+        return x0
+    return consistency_fn(net, z, tt, schedule, boundary)
 
 
 @torch.no_grad()
@@ -355,12 +467,15 @@ def multistep_sample(
     mode: str = "lcm",
     boundary: str = "lcm",
     renoise_noise: list[torch.Tensor] | None = None,
+    stop_at: int = CLEAN,
 ) -> torch.Tensor:
     """Walk a consistency student down ``timesteps`` (descending, first = start) from unit ``noise``; return clean.
 
     ``mode="lcm"``: at each time ``x0 = f(z_t, t)``, then ``z_{t'} = alpha_{t'} x0 + sigma_{t'} n`` with fresh ``n``
     (``renoise_noise[i]`` when given, for reproducibility). ``mode="segments"``: deterministic DDIM jumps with the
     student's ``(x0, eps)`` from each time to the next, ending clean (MLCD's edge-to-edge walk).
+    ``stop_at``: the time after the last of ``timesteps`` (default the clean end); another time returns the state
+    there instead (the input of a further step, see :func:`backward_simulation`).
     """
     if mode not in ("lcm", "segments"):
         raise ValueError(f"unknown sampling mode {mode!r}; expected 'lcm' or 'segments'")
@@ -368,14 +483,15 @@ def multistep_sample(
     times = [int(t) for t in timesteps]
     for i, t in enumerate(times):
         tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        ts = torch.full_like(tt, times[i + 1] if i + 1 < len(times) else CLEAN)
+        last = i + 1 == len(times)
+        ts = torch.full_like(tt, times[i + 1] if not last else stop_at)
         if mode == "segments":
             x0, eps = schedule.x0_eps(net(z, tt), z, tt)
             a_s, s_s = schedule.alpha_sigma(ts, z)
             z = ddim_step(x0, eps, a_s, s_s)
             continue
         x0 = consistency_fn(net, z, tt, schedule, boundary)
-        if i + 1 == len(times):
+        if last and stop_at == CLEAN:
             return x0
         n = renoise_noise[i] if renoise_noise is not None else torch.randn_like(z)
         a_s, s_s = schedule.alpha_sigma(ts, z)
@@ -389,18 +505,23 @@ __all__ = [
     "Net",
     "NoiseSchedule",
     "PerSampleDistance",
+    "backward_simulation",
     "consistency_fn",
     "distance",
     "guidance_scale_embedding",
     "l2",
     "lcm_loss",
+    "lcm_loss_at",
     "lower_edges",
     "mlcd_loss",
+    "mlcd_loss_at",
     "multistep_sample",
     "pseudo_huber",
     "segment_fn",
     "substep_times",
     "teacher_ddim_cfg",
     "teacher_ddim_cfg_substeps",
+    "teacher_path_states",
+    "teacher_path_times",
     "tlcm_loss",
 ]

@@ -19,6 +19,7 @@ import yaml
 from tlcm.errors import TLCMError
 
 RECIPES = ("lcm", "mlcd", "tlcm")
+STATE_SOURCES = ("forward_noise", "teacher_path", "trajectory")
 
 # LCM-LoRA's targets (diffusers' consistency-distillation LoRA scripts): attention and feed-forward projections ...
 LORA_TARGETS_LCM = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -79,7 +80,53 @@ class DistillConfig:
     stage2_substeps: int = 3
     stage2_times: str = "grid"  # grid (any skipping-grid time, span = one segment) | edges (segment boundaries only)
 
-    # extra losses (hook for DMD / adversarial / reward): {name: weight}
+    # where stage-1 training states come from (lcm / mlcd): forward_noise (the synthetic x0 noised to t, as LCM) |
+    # teacher_path (the teacher's own DDIM+CFG walk from pure noise down to t, the TLCM paper's "multistep denoising
+    # strategy", one more teacher step per segment below the top) | trajectory (states stored by `tlcm synthesize
+    # --trajectory K1,K2,...`, at the solver's times)
+    state_source: str = "forward_noise"
+    teacher_path_segments: int = 0  # edges the teacher walks on its path; 0: num_segments
+
+    # the bag of techniques: weights on the student's loss (0 switches a term off; see docs/distill.md)
+    consistency_weight: float = 1.0  # the recipe's consistency loss
+    student_sample_steps: list[int] = field(default_factory=lambda: [1])  # step counts of the student outputs that
+    # DMD and the GAN judge: one count drawn per step, walked with gradient on its last step (backward simulation)
+    student_update_every: int = 1  # two time-scale rule: the fake score / discriminator update K times per student
+
+    # distribution matching (DMD2): real score = teacher with CFG, fake score = a second LoRA trained by denoising
+    dmd_weight: float = 0.0
+    dmd_guidance_scale: float = 0.0  # real score's CFG, diffusers' form g (w = g - 1); 0: w ~ U[w_min, w_max]
+    dmd_t_min: int = 20  # DMD2's 0.02 T .. 0.98 T
+    dmd_t_max: int = 980
+    fake_learning_rate: float = 0.0  # 0: learning_rate
+    fake_lora_rank: int = 0  # 0: the student's rank
+
+    # adversarial: heads on the teacher's (or the fake score's) encoder/mid features at a re-noised latent
+    gan_weight: float = 0.0  # weight of the generator term on the student's loss
+    gan_loss: str = "ns"  # ns (non-saturating, DMD2) | hinge
+    gan_backbone: str = "teacher"  # teacher (frozen; heads only) | fake (the fake-score adapter trains with D, DMD2)
+    gan_features: str = "down+mid"  # down+mid (a head on each down block and the mid block) | mid
+    gan_real: str = "student"  # student (its gan_real_steps output, the paper) | data (training or gan_real_data)
+    gan_real_steps: int = 4
+    gan_real_data: str = ""  # shards folder of "real" latents (e.g. `tlcm encode-images`); "": the training data
+    gan_t_min: int = 0  # the latents D judges are re-noised to t ~ U[gan_t_min, gan_t_max]
+    gan_t_max: int = 999
+    gan_disc_weight: float = 1.0  # weight of the discriminator's loss (on the fake score's loss with backbone fake)
+    disc_learning_rate: float = 1e-4  # the paper: D 1e-4, G 1e-5
+
+    # preference learning: a differentiable reward on the decoded student output at the low-noise end
+    reward_model: str = ""  # spec for tlcm.losses.reward.load_reward: toy | clip:PATH | pickscore:PATH | aesthetic:W
+    reward_weight: float = 0.0
+    reward_kind: str = "plain"  # plain (-R) | hinge (the paper: margin, plus a hinge on a mismatched prompt)
+    reward_margin: float = 0.0  # the hinge's margin in the reward's units; 0: the reward's default_margin (toy)
+    reward_mismatch_margin: float = 0.0  # how much more an image must score with its own prompt than another one
+    reward_sample_steps: list[int] = field(default_factory=lambda: [4])  # the student walks one of these step
+    # counts (drawn per step); the reward sees the x0 of its last, lowest-noise step (gradient through that step only)
+
+    # latent perceptual distance (loss_type: lpips) with weights the user supplies
+    lpips_weights: str = ""
+
+    # extra losses (user-registered terms): {name: weight}
     extra_losses: dict[str, float] = field(default_factory=dict)
     extra_loss_modules: list[str] = field(default_factory=list)
 
@@ -127,7 +174,10 @@ def preset_path(name: str) -> Path:
     root = resources.files("tlcm") / "configs"
     path = root / f"{name}.yaml"
     if not path.is_file():
-        raise TLCMError(f"unknown preset {name!r}", f"use one of: {', '.join(preset_names())}")
+        chains = root / "chains"
+        chain_list = sorted(p.name[:-5] for p in chains.iterdir() if p.name.endswith(".yaml")) \
+            if chains.is_dir() else []
+        raise TLCMError(f"unknown preset {name!r}", f"use one of: {', '.join(preset_names() + chain_list)}")
     return Path(str(path))
 
 
@@ -163,6 +213,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise bad("a list")
+        if default and all(isinstance(d, int) for d in default):  # e.g. step counts: "1,2,4" -> [1, 2, 4]
+            try:
+                return [int(v) for v in value]
+            except (TypeError, ValueError):
+                raise bad("a list of integers") from None
         return list(value)
     if isinstance(default, dict):
         if value is None:
@@ -262,17 +317,28 @@ def _choice(cfg: DistillConfig, key: str, options: tuple[str, ...]) -> None:
         raise TLCMError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(options)}", f"set {key} to one of those")
 
 
-def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: bool = True) -> DistillConfig:
-    """Check everything that can be checked without loading a model; raise :class:`TLCMError` with the fix."""
+def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: bool = True,
+                    check_init: bool = True) -> DistillConfig:
+    """Check everything that can be checked without loading a model; raise :class:`TLCMError` with the fix.
+
+    ``check_init=False`` skips the checks on ``init_lora`` (a chain validates later phases before the earlier ones
+    have written the adapter they start from).
+    """
     _choice(cfg, "recipe", RECIPES)
     _choice(cfg, "student", ("lora", "full"))
     _choice(cfg, "mixed_precision", ("no", "bf16", "fp16"))
-    _choice(cfg, "loss_type", ("huber", "l2"))
+    _choice(cfg, "loss_type", ("huber", "l2", "lpips"))
     _choice(cfg, "boundary_condition", ("lcm", "none"))
     _choice(cfg, "stage2_source", ("student", "data"))
     _choice(cfg, "stage2_times", ("grid", "edges"))
     _choice(cfg, "timestep_grid", ("lcm", "linspace"))
     _choice(cfg, "uncond", ("prompt", "zeros"))
+    _choice(cfg, "state_source", STATE_SOURCES)
+    _choice(cfg, "gan_loss", ("ns", "hinge"))
+    _choice(cfg, "gan_backbone", ("teacher", "fake"))
+    _choice(cfg, "gan_features", ("down+mid", "mid"))
+    _choice(cfg, "gan_real", ("student", "data"))
+    _choice(cfg, "reward_kind", ("plain", "hinge"))
     if not cfg.teacher:
         raise TLCMError("no teacher given", "pass --teacher MODEL (a hub id, a diffusers folder, or 'toy')")
     if need_output and not cfg.output_dir:
@@ -318,14 +384,15 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
 
         if not torch.cuda.is_available():
             raise TLCMError("mixed_precision=fp16 needs a CUDA device", "use bf16 or no on CPU")
-    if cfg.recipe == "tlcm" and not cfg.init_lora and cfg.student == "lora":
+    if check_init and cfg.recipe == "tlcm" and not cfg.init_lora and cfg.student == "lora":
         raise TLCMError("recipe tlcm (stage 2) starts from a stage-1 student, but init_lora is empty",
                         "run `tlcm distill --recipe mlcd ...` first and pass --set init_lora=THAT_OUTPUT_DIR")
-    if cfg.init_lora and not (Path(cfg.init_lora) / "adapter" / "adapter_config.json").exists():
+    if check_init and cfg.init_lora and not (Path(cfg.init_lora) / "adapter" / "adapter_config.json").exists():
         raise TLCMError(f"init_lora {cfg.init_lora!r} holds no adapter/adapter_config.json",
                         "pass the --output-dir of a finished LoRA distillation run")
     if cfg.init_lora and cfg.student != "lora":
         raise TLCMError("init_lora only applies to a LoRA student", "set student=lora or clear init_lora")
+    _validate_techniques(cfg, need_data)
     import importlib
 
     for mod in cfg.extra_loss_modules:
@@ -338,3 +405,57 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
     for name in cfg.extra_losses:
         get_loss(name)
     return cfg
+
+
+def _validate_techniques(cfg: DistillConfig, need_data: bool) -> None:
+    """The bag of techniques and the state source: ranges, combinations, and what each one needs."""
+    for key in ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight", "dmd_guidance_scale",
+                "fake_learning_rate", "disc_learning_rate", "gan_disc_weight", "reward_mismatch_margin"):
+        if getattr(cfg, key) < 0:
+            raise TLCMError(f"{key}={getattr(cfg, key)} must not be negative", f"set {key} to 0 or more")
+    terms = ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight")
+    if all(getattr(cfg, k) == 0 for k in terms) and not any(cfg.extra_losses.values()):
+        raise TLCMError("every loss term has weight 0: the student would not learn",
+                        f"set at least one of {', '.join(terms)} above 0")
+    for key in ("student_update_every", "gan_real_steps", "teacher_path_segments", "fake_lora_rank"):
+        if getattr(cfg, key) < (0 if key in ("teacher_path_segments", "fake_lora_rank") else 1):
+            raise TLCMError(f"{key}={getattr(cfg, key)} is out of range", f"set {key} to a positive integer")
+    steps = [*cfg.student_sample_steps, cfg.gan_real_steps, *cfg.reward_sample_steps]
+    if not cfg.student_sample_steps or not cfg.reward_sample_steps or \
+            any(not 1 <= n <= cfg.num_ddim_timesteps for n in steps):
+        raise TLCMError(f"student step counts {steps} (student_sample_steps, gan_real_steps, reward_sample_steps) "
+                        f"must lie in 1..{cfg.num_ddim_timesteps}", "use e.g. student_sample_steps=[1,2,4]")
+    for lo, hi in (("dmd_t_min", "dmd_t_max"), ("gan_t_min", "gan_t_max")):
+        if not 0 <= getattr(cfg, lo) <= getattr(cfg, hi) <= 999:
+            raise TLCMError(f"{lo}={getattr(cfg, lo)}, {hi}={getattr(cfg, hi)} must satisfy 0 <= {lo} <= {hi} <= 999",
+                            "DMD2 uses 20..980 for DMD and 0..999 for the GAN")
+    if cfg.state_source != "forward_noise" and cfg.recipe == "tlcm":
+        raise TLCMError(f"state_source={cfg.state_source} applies to stage 1 (lcm, mlcd); stage 2 has stage2_source",
+                        "set state_source=forward_noise for recipe tlcm")
+    if cfg.teacher_path_segments > cfg.num_ddim_timesteps:
+        raise TLCMError(f"teacher_path_segments={cfg.teacher_path_segments} exceeds the skipping grid",
+                        f"use 0..{cfg.num_ddim_timesteps}")
+    if cfg.state_source == "trajectory" and need_data and cfg.data:
+        from tlcm.data import read_manifest
+
+        stored = (read_manifest(cfg.data).get("generation") or {}).get("trajectory_steps") or []
+        if not stored:
+            raise TLCMError(f"state_source=trajectory, but the shards in {cfg.data} store no trajectory points",
+                            "re-synthesize with `tlcm synthesize --trajectory 5,10,15,20 ...`, or use "
+                            "state_source=teacher_path (the teacher walks on the fly)")
+    if cfg.gan_weight > 0 and cfg.gan_real == "data" and cfg.gan_real_data and need_data:
+        if not Path(cfg.gan_real_data).exists():
+            raise TLCMError(f"gan_real_data folder {cfg.gan_real_data!r} does not exist",
+                            "pass a shards folder written by `tlcm encode-images` or `tlcm synthesize`")
+        from tlcm.data import read_manifest
+
+        read_manifest(cfg.gan_real_data, require_complete=True)
+    if cfg.reward_weight > 0 and not cfg.reward_model:
+        raise TLCMError("reward_weight > 0 but no reward_model is set",
+                        "set reward_model (toy, clip:PATH, pickscore:PATH or aesthetic:WEIGHTS) or reward_weight=0")
+    if cfg.loss_type == "lpips" and not cfg.lpips_weights:
+        raise TLCMError("loss_type=lpips needs the latent LPIPS weights", "set lpips_weights=PATH (or loss_type=l2)")
+    multi = cfg.dmd_weight > 0 or cfg.gan_weight > 0
+    if multi and cfg.mixed_precision == "fp16":
+        raise TLCMError("DMD and the GAN train several networks with their own optimisers; fp16 needs one loss "
+                        "scaler per optimiser, which tlcm does not keep", "use mixed_precision=bf16 (or no)")

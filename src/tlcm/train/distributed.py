@@ -12,7 +12,10 @@ itself, so the code that runs on a GPU cluster is the code tested on CPU (``test
   ``AcceleratedOptimizer`` so gradient accumulation steps exactly as under ``prepare``.
 - checkpoints gather the trainable weights, the optimiser state and the EMA target as full state dicts, written by the
   main process (a LoRA student writes the same ``student_lora.safetensors`` as an unsharded run), and load them back
-  sharded, so a sharded run resumes on any number of processes.
+  sharded, so a sharded run resumes on any number of processes: :func:`part_io` gives the student part
+  (:class:`tlcm.train.parts.Part`) these savers and loaders, and the parts' checkpoint hooks call them.
+- only single-part runs (the consistency recipes, with or without a reward) shard: a DMD / GAN run trains several
+  parts on one UNet and refuses an FSDP launch (:func:`refuse_multi_part`).
 - validation runs on every rank (a sharded forward is a collective); the export gathers a plain copy of what it
   writes on the main process.
 """
@@ -23,16 +26,16 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from tlcm.errors import TLCMError
+from tlcm.train.parts import WEIGHT_FILES
 
 log = logging.getLogger("tlcm.distill")
 
-LORA_FILE = "student_lora.safetensors"  # the name an unsharded LoRA checkpoint uses too (loop.LORA_CKPT_FILE)
-STUDENT_FILE = "student.safetensors"
+LORA_FILE = WEIGHT_FILES["student"]  # the name an unsharded LoRA checkpoint uses too (loop.LORA_CKPT_FILE)
+STUDENT_FILE = WEIGHT_FILES["student_full"]
 EMA_FILE = "ema_target.safetensors"
 OPTIMIZER_FILE = "optimizer_full.pt"
 DEFAULT_WRAP = ("BasicTransformerBlock", "ResnetBlock2D")
@@ -136,6 +139,7 @@ def shard_networks(accelerator, networks, cfg) -> bool:
         if net is not None and id(net) not in seen:
             seen.add(id(net))
             _shard(net, mesh, settings)
+    networks.parameters_changed()  # sharding replaced every Parameter object
     accelerator.print(f"FSDP (fully_shard) over {accelerator.num_processes} processes: {len(seen)} UNet(s), units "
                       f"{', '.join(settings.wrap_classes) or 'root only'}, reshard_after_forward "
                       f"{settings.reshard_after_forward}")
@@ -145,7 +149,7 @@ def shard_networks(accelerator, networks, cfg) -> bool:
 def prepare(accelerator, student, optimizer, sharded: bool):
     """``accelerator.prepare(student, optimizer)``, or for a sharded student the student as it is and its optimiser
     in an ``AcceleratedOptimizer`` (steps only when gradients sync, as a prepared one does; not checkpointed by
-    accelerate: :func:`register_checkpointing` saves its full state)."""
+    accelerate: :func:`part_io` saves its full state)."""
     if not sharded:
         return accelerator.prepare(student, optimizer)
     from accelerate.optimizer import AcceleratedOptimizer
@@ -182,67 +186,78 @@ def load_full_state(module, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(module, state, options=_options(strict=False))
 
 
-def _peft_names(module, state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """module parameter name -> peft's saved name (``...lora_A.default.weight`` -> ``...lora_A.weight``)."""
+def _peft_names(module, state: dict[str, torch.Tensor], adapter: str) -> dict[str, str]:
+    """module parameter name -> peft's saved name (``...lora_A.<adapter>.weight`` -> ``...lora_A.weight``)."""
     from peft import get_peft_model_state_dict
 
     index = {name: torch.tensor(i) for i, name in enumerate(state)}
-    renamed = get_peft_model_state_dict(module, state_dict=index)
+    renamed = get_peft_model_state_dict(module, state_dict=index, adapter_name=adapter)
     names = list(state)
     return {names[int(i)]: key for key, i in renamed.items()}
 
 
-def register_checkpointing(accelerator, networks, student, optimizer, ema=None) -> None:
-    """Checkpoint a sharded run through accelerate's save/load hooks: gathered on save, sharded on load."""
-    from safetensors.torch import load_file, save_file
+def load_adapter_state(unet, state: dict[str, torch.Tensor], adapter: str) -> None:
+    """Load one adapter's full weights, in peft's names (what :func:`tlcm.train.student.lora_state_dict` saves; every
+    process passes the same), into a sharded UNet."""
+    params = {n: p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter}." in n}
+    rename = {peft: name for name, peft in _peft_names(unet, params, adapter).items()}
+    unknown, missing = sorted(set(state) - set(rename)), sorted(set(rename) - set(state))
+    if unknown or missing:
+        raise TLCMError(f"the checkpoint's LoRA does not fit this student (unknown {unknown[:2]}, missing "
+                        f"{missing[:2]})", "resume with the LoRA settings (rank, targets) that wrote the checkpoint")
+    load_full_state(unet, {rename[k]: v for k, v in state.items()})
+
+
+def part_io(student, optimizer, ema, is_lora: bool, adapter: str):
+    """The sharded student part's checkpoint I/O: ``(save_weights, load_weights, weight_file, state_files)``.
+
+    Every saver is a collective (all processes call it) returning the full state on the main process; every loader
+    takes the full state on all processes and keeps each one's shard. The weights: the LoRA in peft's names
+    (``student_lora.safetensors``, as an unsharded run) or the whole UNet; ``state_files``: the optimiser's full state
+    (``optimizer_full.pt``) and, for a full student, the EMA target (``ema_target.safetensors``)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    from tlcm.train.student import lora_state_dict
+
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    if is_lora:
+        def save_weights():
+            return lora_state_dict(student, adapter)
 
-    def save_hook(models, weights, output_dir):
-        out = Path(output_dir)
-        weights_state = full_state(student, trainable_only=True)
-        optim_state = get_optimizer_state_dict(student, inner, options=_options())
-        ema_state = full_state(ema.target) if ema is not None else None
-        if accelerator.is_main_process:
-            if networks.is_lora:
-                rename = _peft_names(student, weights_state)
-                save_file({rename[k]: v.contiguous() for k, v in weights_state.items()}, str(out / LORA_FILE))
-            else:
-                save_file({k: v.contiguous() for k, v in weights_state.items()}, str(out / STUDENT_FILE))
-            torch.save(optim_state, out / OPTIMIZER_FILE)
-            if ema_state is not None:
-                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(out / EMA_FILE))
-        while weights:
-            weights.pop()
+        def load_weights(state):
+            load_adapter_state(student, state, adapter)
+    else:
+        def save_weights():
+            return {k: v.contiguous() for k, v in full_state(student).items()}
 
-    def load_hook(models, input_dir):
-        src = Path(input_dir)
-        weights_file = src / (LORA_FILE if networks.is_lora else STUDENT_FILE)
-        needed = [weights_file, src / OPTIMIZER_FILE] + ([src / EMA_FILE] if ema is not None else [])
-        missing = [p.name for p in needed if not p.is_file()]
-        if missing:
-            raise TLCMError(f"checkpoint {src} lacks {', '.join(missing)}: it was not written by a sharded (FSDP) run "
-                            "of this kind of student",
-                            "resume with the launch configuration (FSDP or not) and student setting that wrote it")
-        state = load_file(str(weights_file))
-        if networks.is_lora:
-            trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-            rename = {v: k for k, v in _peft_names(student, trainable).items()}
-            unknown = sorted(set(state) - set(rename))
-            if unknown:
-                raise TLCMError(f"the checkpoint's LoRA has weights this student lacks ({unknown[0]}, ...)",
-                                "resume with the LoRA settings (rank, targets) that wrote the checkpoint")
-            state = {rename[k]: v for k, v in state.items()}
-        load_full_state(student, state)
-        optim_state = torch.load(src / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(student, inner, optim_state_dict=optim_state, options=_options())
-        if ema is not None:
-            load_full_state(ema.target, load_file(str(src / EMA_FILE)))
-        models.clear()
+        def load_weights(state):
+            load_full_state(student, state)
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    def save_optimizer():
+        return get_optimizer_state_dict(student, inner, options=_options())
+
+    def load_optimizer(state):
+        set_optimizer_state_dict(student, inner, optim_state_dict=state, options=_options())
+
+    files = {OPTIMIZER_FILE: (save_optimizer, load_optimizer)}
+    if ema is not None:
+        files[EMA_FILE] = (lambda: {k: v.contiguous() for k, v in full_state(ema.target).items()},
+                           lambda state: load_full_state(ema.target, state))
+    return save_weights, load_weights, LORA_FILE if is_lora else STUDENT_FILE, files
+
+
+def refuse_multi_part(accelerator, num_parts: int) -> None:
+    """Several parts (DMD, GAN) sync their own gradients on replicated weights: single process or DDP only."""
+    from accelerate.utils import DistributedType
+
+    if num_parts < 2:
+        return
+    sharded = fsdp_request() is not None and accelerator.num_processes > 1
+    if sharded or accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                       DistributedType.MULTI_GPU):
+        raise TLCMError("DMD / GAN recipes train several parts and run single-process or under DDP, not "
+                        f"{'FSDP' if sharded else accelerator.distributed_type}",
+                        "launch with a DDP config (configs/accelerate/ddp-*.yaml)")
 
 
 # ---------------------------------------------------------------------------------------------------------- export

@@ -52,10 +52,16 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
     projections to the old ``.lora.down/.lora.up`` names and leaves convolutions as ``lora_A/lora_B``, and diffusers
     (0.42) then loads the file as peft format and silently drops every attention LoRA. The peft names are what
     ``load_lora_weights`` reads natively (tests/train/test_loop.py checks the loaded UNet against the student).
+
+    The adapter's ``LoraConfig`` goes into the file's metadata (``unet_lora_adapter_metadata``, as diffusers' own
+    training scripts write it): the weights alone give the rank but not ``lora_alpha``, and without it
+    ``load_lora_weights`` assumes ``alpha = rank``, scaling a LoRA trained with another alpha wrongly.
     """
     from tlcm.models import is_sdxl
+    from tlcm.train.student import ADAPTER_NAME
 
     layers = lora_state_dict(unet)
+    metadata = unet.peft_config[ADAPTER_NAME].to_dict()
     if is_sdxl(pipe):
         from diffusers import StableDiffusionXLPipeline as Pipe
     else:
@@ -63,7 +69,8 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
 
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".lora."))
     try:
-        Pipe.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True)
+        Pipe.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True,
+                               unet_lora_adapter_metadata=metadata)
         os.replace(tmp / LORA_FILE, out_dir / LORA_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

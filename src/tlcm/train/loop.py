@@ -1,21 +1,32 @@
-"""The distillation loop: one readable accelerate loop for the lcm, mlcd and tlcm recipes.
+"""The distillation loop: one readable accelerate loop for every recipe and technique.
 
-Stages of :func:`distill` (numbered as in the code):
+A run trains one or more **parts** (the student; with distribution matching a fake-score adapter; with the GAN the
+discriminator heads), each with its own optimiser, learning rate and schedule, and walks the recipe's **phases** every
+step (:func:`tlcm.train.recipes.recipe_phases`; the losses in :mod:`tlcm.train.phases`). Stages of :func:`distill`
+(numbered as in the code):
 
-1. resolve the accelerator (processes, precision, gradient accumulation, TensorBoard) and the teacher pipeline;
-2. build the student (LoRA on the teacher UNet, or a full copy) and its target network, optimiser and LR schedule;
-3. open the data (shards from ``tlcm synthesize``: latents + prompts, embeddings when stored);
-4. resume from the latest checkpoint (weights, optimiser, schedule, EMA; data order by replay; per-step RNG);
-5. train: for each step and micro-batch, sample times/noise/guidance from a per-step generator, compute the recipe's
-   loss (and any extra losses), back-propagate, clip, step; EMA; log; checkpoint; validate;
-6. export the output folder (LoRA / adapter / UNet, scheduler config, sampling defaults, config, model card).
+1. resolve the accelerator (processes, precision, TensorBoard), the teacher pipeline and the training size
+   (:func:`tlcm.train.resolution.training_image_size`: config, shards and teacher agree);
+2. build the networks (:func:`tlcm.train.student.build_networks`, seeded by ``cfg.seed``), shard them under an FSDP
+   launch (:mod:`tlcm.train.distributed`; single-part runs only) and build the parts (:func:`build_parts`);
+3. open the data (shards from ``tlcm synthesize``: latents + prompts, embeddings / trajectory points when stored);
+4. resume from the latest checkpoint (every part's weights, optimiser, schedule, EMA; extra-loss state; data order
+   by replay; RNG);
+5. train: each step takes ``gradient_accumulation_steps`` micro-batches and runs each due phase on them
+   (:func:`run_phase`: only that part trainable, forward + backward per micro-batch, sync, clip, step, zero every
+   optimiser); log; checkpoint; validate;
+6. export the output folder (the student alone: LoRA / adapter / UNet, scheduler config, sampling defaults, config,
+   model card).
 
-Randomness in a step comes from a generator seeded by ``(seed, step, micro-batch, rank)``, so a resumed run draws
-exactly what the uninterrupted one did.
+Randomness in a step comes from generators seeded by ``(seed, step, stream, micro-batch, rank)``
+(:func:`tlcm.train.phases.step_generator`), so a resumed run draws exactly what the uninterrupted one did.
+Gradient accumulation is done here, per phase (``no_sync`` on all micro-batches but the last, for a prepared
+student), with accelerate's own counter left at 1: its single counter cannot serve several optimisers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,25 +41,26 @@ from pathlib import Path
 import torch
 
 from tlcm.errors import TLCMError
-from tlcm.losses import (
-    ExtraLossContext,
-    NoiseSchedule,
-    extra_losses_total,
-    guidance_scale_embedding,
-    lcm_loss,
-    mlcd_loss,
-    multistep_sample,
-    tlcm_loss,
-)
+from tlcm.losses import NoiseSchedule, guidance_scale_embedding, multistep_sample
 from tlcm.train import distributed
 from tlcm.train.config import DistillConfig, validate_config
-from tlcm.train.recipes import edges_of, sample_training_times, sampling_plan, stage2_source_plan
+from tlcm.train.parts import (
+    WEIGHT_FILES,
+    Part,
+    TrainState,
+    check_in_sync,
+    make_lr_scheduler,
+    make_optimizer,
+    register_checkpoint_hooks,
+)
+from tlcm.train.phases import MicroBatch, StepLosses, unet_fn
+from tlcm.train.recipes import PhaseSpec, edges_of, recipe_parts, recipe_phases, sampling_plan
 from tlcm.train.resolution import training_image_size
-from tlcm.train.student import EMA, Networks, build_networks, lora_state_dict
+from tlcm.train.student import ADAPTER_NAME, EMA, FAKE_ADAPTER, Networks, build_networks, lora_state_dict
 
 log = logging.getLogger("tlcm.distill")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-LORA_CKPT_FILE = "student_lora.safetensors"
+LORA_CKPT_FILE = WEIGHT_FILES["student"]
 
 DatasetFn = Callable[[int, int], Iterable[dict]]
 
@@ -75,7 +87,7 @@ def collate(records: list[dict]) -> dict:
     out = {"latents": torch.stack([torch.as_tensor(r["latents"], dtype=torch.float32) for r in records])}
     out["prompt"] = [str(r.get("prompt", "")) for r in records]
     out["negative_prompt"] = [str(r.get("negative_prompt", "") or "") for r in records]
-    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+    for key in ("prompt_embeds", "pooled_prompt_embeds", "trajectory", "trajectory_timesteps"):
         if all(r.get(key) is not None for r in records):
             out[key] = torch.stack([torch.as_tensor(r[key]) for r in records])
     return out
@@ -152,29 +164,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def _register_lora_hooks(accelerator, networks: Networks) -> None:
-    """Checkpoint only the LoRA (not the frozen base weights) through accelerate's save/load hooks."""
-    if not networks.is_lora:
-        return
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                save_file(lora_state_dict(accelerator.unwrap_model(model)), os.path.join(output_dir, LORA_CKPT_FILE))
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            set_peft_model_state_dict(model, load_file(os.path.join(input_dir, LORA_CKPT_FILE)))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
     """``save_state`` into a temporary folder, then an atomic rename; keep the last ``keep`` checkpoints."""
     root = output_dir / "checkpoints"
@@ -197,12 +186,144 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the loop
+# parts
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 4_099 + rank)
+def _adapter_io(unet, adapter: str):
+    from peft import set_peft_model_state_dict
+
+    def load(state):
+        result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
+        unexpected = getattr(result, "unexpected_keys", None) or []
+        assert not unexpected, f"adapter {adapter!r}: unexpected keys {unexpected[:3]}"
+
+    return (lambda: lora_state_dict(unet, adapter)), load
+
+
+def _module_io(module, prefix: str = ""):
+    def save():
+        return {prefix + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+    def load(state):
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    return save, load
+
+
+def build_parts(cfg: DistillConfig, networks: Networks, accelerator,
+                sharded: bool = False) -> tuple[dict[str, Part], torch.nn.Module]:
+    """The run's parts (:func:`tlcm.train.recipes.recipe_parts`) with their optimisers, schedules and weight I/O;
+    returns them and the module the student's gradient-carrying forward goes through (prepared when it is the only
+    part). The one place that decides what a checkpoint holds for each part.
+
+    ``sharded``: the networks were sharded by FSDP (:func:`tlcm.train.distributed.shard_networks`, one part only);
+    the student then goes unwrapped, and its weights, optimiser and EMA are gathered into checkpoint files."""
+    specs = {spec.name: spec for spec in recipe_parts(cfg)}
+    single = len(specs) == 1
+    parts: dict[str, Part] = {}
+
+    spec = specs["student"]
+    params = networks.student_parameters()
+    optimizer = make_optimizer(params, spec.learning_rate, cfg)
+    scheduler = make_lr_scheduler(optimizer, spec, cfg.max_steps)
+    module = networks.student
+    assert single or not sharded, "FSDP shards single-part runs only (distributed.refuse_multi_part)"
+    if single:  # DDP / FSDP / DeepSpeed own the student's gradient sync and (full UNet) its checkpointed weights
+        module, optimizer = distributed.prepare(accelerator, module, optimizer, sharded)
+    ema = EMA(networks.target_unet, cfg.ema_decay) if networks.target_unet is not None else None
+    state_files = {}
+    if sharded:
+        save, load, file, state_files = distributed.part_io(module, optimizer, ema, networks.is_lora, ADAPTER_NAME)
+    elif networks.is_lora:
+        (save, load), file = _adapter_io(networks.student, ADAPTER_NAME), WEIGHT_FILES["student"]
+    elif single:
+        save = load = file = None
+    else:
+        (save, load), file = _module_io(networks.student), WEIGHT_FILES["student_full"]
+    parts["student"] = Part("student", params, optimizer, scheduler, spec.every, save, load, file, prepared=single,
+                            module=module, ema=ema, sharded=sharded, state_files=state_files)
+
+    if "fake" in specs:
+        spec = specs["fake"]
+        params = networks.fake_parameters()
+        adapter_save, adapter_load = _adapter_io(networks.teacher_unet, FAKE_ADAPTER)
+        heads_io = _module_io(networks.heads, "heads.") if cfg.gan_weight > 0 and cfg.gan_backbone == "fake" else None
+        if heads_io is not None:  # DMD2: the discriminator's heads step with the fake score that carries them
+            params = params + networks.head_parameters()
+
+        def save(adapter_save=adapter_save, heads_io=heads_io):
+            out = {f"adapter.{k}": v for k, v in adapter_save().items()}
+            return {**out, **(heads_io[0]() if heads_io else {})}
+
+        def load(state, adapter_load=adapter_load, heads_io=heads_io):
+            adapter_load({k[8:]: v for k, v in state.items() if k.startswith("adapter.")})
+            if heads_io:
+                heads_io[1](state)
+
+        optimizer = make_optimizer(params, spec.learning_rate, cfg)
+        parts["fake"] = Part("fake", params, optimizer, make_lr_scheduler(optimizer, spec, cfg.max_steps), spec.every,
+                             save, load, WEIGHT_FILES["fake"])
+    if "discriminator" in specs:
+        spec = specs["discriminator"]
+        params = networks.head_parameters()
+        optimizer = make_optimizer(params, spec.learning_rate, cfg)
+        save, load = _module_io(networks.heads)
+        parts["discriminator"] = Part("discriminator", params, optimizer,
+                                      make_lr_scheduler(optimizer, spec, cfg.max_steps), spec.every, save, load,
+                                      WEIGHT_FILES["discriminator"])
+    return parts, module
+
+
+def _check_finite(loss: torch.Tensor, accelerator, output_dir: Path, step: int, phase: str) -> None:
+    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
+    if float(accelerator.reduce(bad, reduction="sum")) > 0:
+        good = latest_checkpoint(output_dir)
+        raise TLCMError(
+            f"the {phase} loss became {float(loss.detach())} at step {step + 1}; stopped",
+            f"last good checkpoint: {good or 'none saved yet'}; resume from it with --resume latest "
+            "and a lower learning_rate (or mixed_precision=no)")
+
+
+def run_phase(phase: PhaseSpec, parts: dict[str, Part], micro_batches: list[MicroBatch], losses: StepLosses,
+              networks: Networks, accelerator, cfg: DistillConfig, output_dir: Path) -> dict[str, float]:
+    """One phase of a step: only ``phase.part`` trainable; forward + backward on every micro-batch (accumulated);
+    sync, clip, step the part (and its schedule and EMA); zero every optimiser."""
+    part = parts[phase.part]
+    networks.set_trainable(part.params)
+    compute = getattr(losses, phase.name)
+    n = len(micro_batches)
+    logs: list[dict[str, float]] = []
+    for i, mb in enumerate(micro_batches):
+        accumulating = part.prepared and accelerator.num_processes > 1 and i < n - 1
+        with accelerator.no_sync(part.module) if accumulating else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss, terms = compute(mb)
+            _check_finite(loss, accelerator, output_dir, mb.step, phase.name)
+            accelerator.backward(loss / n if n > 1 else loss)
+        logs.append(terms)
+    for other in parts.values():  # gradient isolation: what did not step received nothing
+        if other is not part:
+            assert all(p.grad is None for p in other.params), f"phase {phase.name}: part {other.name} got gradients"
+    part.sync_gradients(accelerator)
+    grad_norm = accelerator.clip_grad_norm_(part.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    part.optimizer.step()
+    part.lr_scheduler.step()
+    part.updates += 1
+    if part.ema is not None:
+        part.ema.update(networks.student)
+    for p in parts.values():
+        p.optimizer.zero_grad(set_to_none=True)
+    out = {k: sum(d[k] for d in logs) / n for k in logs[0]}
+    out["lr" if part.name == "student" else f"lr/{part.name}"] = part.lr_scheduler.get_last_lr()[0]
+    if grad_norm is not None:
+        out["grad_norm" if part.name == "student" else f"grad_norm/{part.name}"] = float(grad_norm)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _make_accelerator(cfg: DistillConfig, output_dir: Path, log_with):
@@ -219,7 +340,7 @@ def _make_accelerator(cfg: DistillConfig, output_dir: Path, log_with):
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     with distributed.accelerate_without_fsdp():  # FSDP: tlcm shards the networks itself (train/distributed.py)
         return Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_accumulation_steps=1,  # accumulation is per phase, in run_phase
             mixed_precision=cfg.mixed_precision,
             log_with=log_with,
             project_config=project,
@@ -227,29 +348,47 @@ def _make_accelerator(cfg: DistillConfig, output_dir: Path, log_with):
         )
 
 
-def _unet_fn(unet, cond, timestep_cond=None):
-    kwargs = cond.unet_kwargs()
+def _load_reward(cfg: DistillConfig, device, dtype):
+    """The frozen reward model (:func:`tlcm.losses.reward.load_reward`) and the hinge margin in its units:
+    ``reward_margin``, or when that is 0 the model's own ``default_margin``; ``None`` for the plain loss."""
+    from tlcm.losses.reward import load_reward
 
-    def fn(z, t):
-        return unet(z, t, timestep_cond=timestep_cond, **kwargs, return_dict=False)[0]
+    reward = load_reward(cfg.reward_model, device, dtype)
+    if cfg.reward_kind != "hinge":
+        return reward, None
+    margin = cfg.reward_margin or reward.default_margin
+    if margin is None:
+        raise TLCMError(f"reward_kind=hinge needs a margin in the units of {cfg.reward_model!r}, which knows none",
+                        "set reward_margin (the TLCM paper: 16 for MPS; a CLIP score is 100 * cos), or "
+                        "reward_kind=plain")
+    if reward.conditional and cfg.batch_size < 2 and len(set(cfg.validation_prompts)) < 2:
+        raise TLCMError("the hinge on a mismatched prompt needs another prompt for each image, but the batch holds "
+                        "one and validation_prompts (the pool of other prompts) fewer than two",
+                        "raise batch_size, list two or more validation_prompts, or set reward_kind=plain")
+    return reward, float(margin)
 
-    return fn
+
+def _distance_kind(cfg: DistillConfig, device):
+    """``cfg.loss_type``, or for ``lpips`` the latent LPIPS (:func:`tlcm.losses.perceptual.load_latent_lpips`), a
+    per-sample distance callable that :func:`tlcm.losses.consistency.distance` averages. Kept in float32: the
+    consistency targets lie close to the prediction, and low-precision features would round their difference away
+    (autocast still runs its convolutions in the mixed precision)."""
+    if cfg.loss_type != "lpips":
+        return cfg.loss_type
+    from tlcm.losses.perceptual import load_latent_lpips
+
+    return load_latent_lpips(cfg.lpips_weights, device, torch.float32)
 
 
-def _teacher_fn(unet, cond, uncond, guided: bool):
-    """``teacher(z, t) -> (cond_out, uncond_out)``, both halves in one batched forward."""
-    from tlcm.models import Conditioning
+def _real_batches(cfg: DistillConfig, accelerator) -> Iterable[dict] | None:
+    """A second data stream for the GAN's "real" latents (``gan_real: data`` with ``gan_real_data``)."""
+    if not (cfg.gan_weight > 0 and cfg.gan_real == "data" and cfg.gan_real_data):
+        return None
+    from tlcm.data import open_shards
 
-    if not guided:
-        c = _unet_fn(unet, cond)
-        return lambda z, t: (c(z, t), None)
-    both = _unet_fn(unet, Conditioning.cat([cond, uncond]))
-
-    def fn(z, t):
-        out = both(torch.cat([z, z]), torch.cat([t, t]))
-        return out.chunk(2)
-
-    return fn
+    data = open_shards(cfg.gan_real_data, shuffle=True, seed=cfg.seed + 1, rank=accelerator.process_index,
+                       world_size=accelerator.num_processes, infinite=True)
+    return iter(endless_batches(data, cfg.batch_size))
 
 
 def distill(
@@ -261,7 +400,6 @@ def distill(
     progress: bool = True,
 ) -> Path:
     """Run a distillation and write its output folder; return that folder. See the module docstring."""
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     validate_config(cfg, need_data=dataset_fn is None)
@@ -292,44 +430,41 @@ def distill(
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).to(dtype=text_dtype)
 
-    # 2. student, target, optimiser, LR schedule -------------------------------------------------------------------
-    with torch.random.fork_rng(devices=[]):  # the LoRA's random init follows cfg.seed: equal runs, equal bytes
-        torch.manual_seed(cfg.seed)
-        networks = build_networks(pipe.unet, cfg, weight_dtype)
+    # 2. networks and parts (student, fake score, discriminator heads), each with its optimiser and LR schedule ------
+    networks = build_networks(pipe.unet, cfg, weight_dtype)  # every random init seeded by cfg.seed
     pipe.unet.to(device)
     networks.student.to(device)
     if not networks.is_lora:
         networks.teacher_unet.to(device)
         networks.target_unet.to(device)
     elif weight_dtype != torch.float32:
-        for name, p in networks.student.named_parameters():  # frozen base in low precision, LoRA in fp32
+        for name, p in networks.student.named_parameters():  # frozen base in low precision, adapters in fp32
             if "lora_" not in name:
                 p.data = p.data.to(weight_dtype)
-    embed_dim = getattr(networks.student.config, "time_cond_proj_dim", None) if cfg.guidance_embedding else None
-    sharded = distributed.shard_networks(accelerator, networks, cfg)  # FSDP launches only; before the optimiser
-    params = networks.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_steps)
-    student, optimizer = distributed.prepare(accelerator, networks.student, optimizer, sharded)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    ema = None
-    if networks.target_unet is not None:
-        ema = EMA(networks.target_unet, cfg.ema_decay)
-        if not sharded:
-            accelerator.register_for_checkpointing(ema)
-    if sharded:
-        distributed.register_checkpointing(accelerator, networks, student, optimizer, ema)
-    else:
-        _register_lora_hooks(accelerator, networks)
-    raw_student = accelerator.unwrap_model(student)
+    if networks.heads is not None:
+        networks.heads.to(device)
+    phases = recipe_phases(cfg)
+    distributed.refuse_multi_part(accelerator, len(recipe_parts(cfg)))  # several parts: one process or DDP
+    sharded = distributed.shard_networks(accelerator, networks, cfg)  # FSDP launches only; before the optimisers
+    parts, student_module = build_parts(cfg, networks, accelerator, sharded)
+    networks.set_trainable(parts["student"].params)
+    train_state = TrainState(parts)
+    accelerator.register_for_checkpointing(train_state)
+    register_checkpoint_hooks(accelerator, parts, drop_prepared_models=networks.is_lora and parts["student"].prepared)
+    raw_student = networks.student
+    reward = reward_margin = None
+    if cfg.reward_weight > 0:
+        reward, reward_margin = _load_reward(cfg, device, weight_dtype)
 
     # 3. data ---------------------------------------------------------------------------------------------------------
     dataset = (dataset_fn or shards_dataset_fn(cfg))(accelerator.process_index, accelerator.num_processes)
     batches = iter(endless_batches(dataset, cfg.batch_size))
+    real_batches = _real_batches(cfg, accelerator)
     encoder = PromptEncoder(pipe, height, width)  # SDXL time_ids follow the training size
-    edges = torch.from_numpy(edges_of(cfg))
+    losses = StepLosses(cfg, networks, student_module, schedule, encoder, device, weight_dtype,
+                        accelerator.process_index, train_state.extra_losses, vae=pipe.vae, reward=reward,
+                        reward_margin=reward_margin, prompt_pool=sorted(set(cfg.validation_prompts)),
+                        distance_kind=_distance_kind(cfg, device))
 
     # 4. resume -----------------------------------------------------------------------------------------------------
     start_step = 0
@@ -342,7 +477,11 @@ def distill(
         start_step = json.loads((ckpt / "training_state.json").read_text())["global_step"]
         for _ in range(start_step * cfg.gradient_accumulation_steps):  # replay the data order
             next(batches)
+            if real_batches is not None:
+                next(real_batches)
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
+    for part in parts.values():  # every process starts from process 0's weights (parts DDP does not broadcast)
+        part.broadcast()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -350,107 +489,36 @@ def distill(
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
         accelerator.init_trackers("distill", config=hparams)
 
-    # 5. train ------------------------------------------------------------------------------------------------------
-    def compute_loss(batch: dict, gen: torch.Generator, step: int):
-        x0 = batch["latents"].to(device)
-        bsz = x0.shape[0]
-        if "prompt_embeds" in batch:
-            cond = encoder.from_embeds(batch["prompt_embeds"].to(device), batch.get("pooled_prompt_embeds"))
-        else:
-            cond = encoder(batch["prompt"])
-        if cfg.uncond == "zeros":  # diffusers' LCM scripts: all-zero text states (and pooled embeds) as "uncond"
-            from tlcm.models import Conditioning
-
-            extra = None if cond.added_cond_kwargs is None else {
-                "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
-                "time_ids": cond.added_cond_kwargs["time_ids"]}
-            uncond = Conditioning(torch.zeros_like(cond.encoder_hidden_states), extra)
-        else:
-            uncond = encoder(batch["negative_prompt"])
-        cond, uncond = cond.to(device, weight_dtype), uncond.to(device, weight_dtype)
-        # 5a. times, noise and guidance for this micro-batch
-        times = sample_training_times(cfg, bsz, gen)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        w = (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(bsz, generator=gen)).to(device)
-        guided = cfg.w_max > 0
-        t_cond = guidance_scale_embedding(w, embed_dim).to(device, weight_dtype) if embed_dim else None
-        # 5b. the networks, as callables over (z, t)
-        student_fn = _unet_fn(student, cond, t_cond)
-        target_model = networks.target_unet if networks.target_unet is not None else raw_student
-        target_fn = _unet_fn(target_model, cond, t_cond)
-
-        def teacher_fn(z, t):
-            with torch.no_grad(), networks.teacher_context(raw_student) as unet:
-                return _teacher_fn(unet, cond, uncond, guided)(z, t)
-
-        # 5c. the recipe's consistency loss
-        with accelerator.autocast():
-            if cfg.recipe == "lcm":
-                out = lcm_loss(student_fn, target_fn, teacher_fn, x0, noise, times["t_start"].to(device), w,
-                               schedule, cfg.skip, cfg.boundary_condition, cfg.loss_type, cfg.huber_c,
-                               cfg.sigma_data, cfg.timestep_scaling)
-            elif cfg.recipe == "mlcd":
-                out = mlcd_loss(student_fn, target_fn, teacher_fn, x0, noise, times["t_start"].to(device), w,
-                                schedule, edges.to(device), cfg.skip, cfg.loss_type, cfg.huber_c)
-            else:
-                if cfg.stage2_source == "student":
-                    plan = stage2_source_plan(cfg)
-                    start = torch.randn(x0.shape, generator=gen).to(device)
-                    x0 = multistep_sample(target_fn, start, plan.timesteps, schedule, plan.mode, plan.boundary)
-                out = tlcm_loss(student_fn, target_fn, teacher_fn, x0, noise, times["t_hi"].to(device),
-                                times["t_lo"].to(device), w, schedule, cfg.stage2_substeps, "none", cfg.loss_type,
-                                cfg.huber_c)
-            total, parts = out.loss, {"loss/consistency": float(out.loss.detach())}
-            if cfg.extra_losses:
-                ctx = ExtraLossContext(student_fn, teacher_fn, schedule, batch, out, step)
-                extra, extra_parts = extra_losses_total(cfg.extra_losses, ctx)
-                total = total + extra
-                parts.update({f"loss/{k}": v for k, v in extra_parts.items()})
-        return total, parts
-
+    # 5. train: each step walks the due phases over the same micro-batches --------------------------------------
     global_step = start_step
     t_loop = time.time()
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
                desc=f"distill {cfg.recipe}", dynamic_ncols=True)
     last_logs: dict[str, float] = {}
-    student.train()
+    phase_s: dict[str, float] = {}  # wall time per phase (the cost of each technique)
+    for module in {id(m): m for m in (student_module, networks.heads) if m is not None}.values():
+        module.train()
     while global_step < cfg.max_steps:
-        step_losses, grad_norm = [], None
-        for micro in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            gen = _step_generator(cfg.seed, global_step, micro, accelerator.process_index)
-            with accelerator.accumulate(student):
-                loss, parts = compute_loss(batch, gen, global_step)
-                bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=device)
-                if float(accelerator.reduce(bad, reduction="sum")) > 0:
-                    good = latest_checkpoint(output_dir)
-                    raise TLCMError(
-                        f"the loss became {float(loss.detach())} at step {global_step + 1}; stopped",
-                        f"last good checkpoint: {good or 'none saved yet'}; resume from it with --resume latest "
-                        "and a lower learning_rate (or mixed_precision=no)")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_losses.append(parts)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.update(raw_student)
+        micro_batches = [MicroBatch(next(batches), global_step, i,
+                                    next(real_batches) if real_batches is not None else None)
+                         for i in range(cfg.gradient_accumulation_steps)]
+        logs: dict[str, float] = {}
+        for phase in phases:
+            if phase.due(global_step):
+                t_phase = time.time()
+                logs.update(run_phase(phase, parts, micro_batches, losses, networks, accelerator, cfg, output_dir))
+                phase_s[phase.name] = phase_s.get(phase.name, 0.0) + time.time() - t_phase
         global_step += 1
         bar.update(1)
 
-        logs = {k: sum(p[k] for p in step_losses) / len(step_losses) for k in step_losses[0]}
-        logs["loss"] = logs["loss/consistency"]
-        logs["lr"] = lr_scheduler.get_last_lr()[0]
-        if grad_norm is not None:
-            logs["grad_norm"] = float(grad_norm)
-        last_logs = logs
+        last_logs = {**last_logs, **logs}
         if global_step % cfg.logging_steps == 0 or global_step == cfg.max_steps:
-            bar.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.2g}")
+            if "loss" in last_logs:
+                bar.set_postfix(loss=f"{last_logs['loss']:.4g}", lr=f"{last_logs['lr']:.2g}")
             if log_with:
                 accelerator.log(logs, step=global_step)
         if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
+            check_in_sync(accelerator, {n: p for n, p in parts.items() if not p.prepared})
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
             validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
@@ -459,6 +527,7 @@ def distill(
 
     # 6. export -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    check_in_sync(accelerator, {n: p for n, p in parts.items() if not p.prepared})
     grid = validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
     export_student, export_networks = raw_student, networks
     if sharded:  # a collective: plain copies of what the export writes, on the main process
@@ -472,7 +541,10 @@ def distill(
             "wall_time_s": round(time.time() - t_begin, 2), "train_loop_s": round(loop_s, 2),
             "s_per_step": round(loop_s / max(1, global_step - start_step), 3), "peak_rss_mib": round(peak, 1),
             "processes": accelerator.num_processes, "final_losses": last_logs,
-            "trainable_parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in parts["student"].params),
+            "parts": {name: {"parameters": sum(p.numel() for p in part.params), "updates": part.updates}
+                      for name, part in parts.items()},
+            "phase_seconds": {k: round(v, 2) for k, v in phase_s.items()},
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
         export_output(cfg, pipe, export_student, export_networks, output_dir, summary, validation_grid=grid)
@@ -502,7 +574,7 @@ def validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, s
     if embed_dim:
         w = torch.full((n,), max(cfg.sampling_guidance_scale - 1.0, 0.0), device=device)
         t_cond = guidance_scale_embedding(w, embed_dim).to(device)
-    fn = _unet_fn(net_model, cond, t_cond)
+    fn = unet_fn(net_model, cond, t_cond)
     rows = []
     was_training = net_model.training
     net_model.eval()
@@ -537,9 +609,13 @@ def validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, s
 def plan_text(cfg: DistillConfig) -> str:
     """What a run would do (``--dry-run``), without loading a model or touching the disk."""
     lines = [f"recipe {cfg.recipe}: teacher {cfg.teacher!r}, data {cfg.data!r} -> {cfg.output_dir!r}"]
-    student = (f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha} on {', '.join(cfg.target_modules())}"
-               if cfg.student == "lora" else f"full UNet, EMA target decay {cfg.ema_decay}")
-    lines.append(f"student: {student}" + (f", from {cfg.init_lora}" if cfg.init_lora else ""))
+    if cfg.student == "lora" and cfg.init_lora:
+        student = f"the LoRA of {cfg.init_lora} (its rank and target modules), trained further"
+    elif cfg.student == "lora":
+        student = f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha} on {', '.join(cfg.target_modules())}"
+    else:
+        student = f"full UNet, EMA target decay {cfg.ema_decay}"
+    lines.append(f"student: {student}")
     grid = f"skipping grid {cfg.num_ddim_timesteps} steps (k = {cfg.skip})"
     if cfg.recipe == "lcm":
         lines.append(f"target: teacher DDIM+CFG t -> t-{cfg.skip}, w ~ U[{cfg.w_min}, {cfg.w_max}], "
@@ -551,12 +627,41 @@ def plan_text(cfg: DistillConfig) -> str:
         lines.append(f"target: stage 2, {cfg.stage2_source} samples re-noised, teacher {cfg.stage2_substeps} "
                      f"DDIM+CFG sub-steps across one segment ({cfg.num_segments} segments, {cfg.stage2_times}), "
                      f"x0 consistency, {cfg.loss_type} loss")
+    if cfg.recipe != "tlcm" and cfg.state_source != "forward_noise":
+        path = cfg.teacher_path_segments or cfg.num_segments
+        lines.append("states: " + (f"the teacher's DDIM+CFG walk from noise over {path} segments down to t"
+                                   if cfg.state_source == "teacher_path" else
+                                   "trajectory points stored in the shards (tlcm synthesize --trajectory)"))
     if cfg.extra_losses:
         lines.append(f"extra losses: {cfg.extra_losses}")
+    if cfg.dmd_weight > 0 or cfg.gan_weight > 0:
+        lines.append(f"student samples for DMD/GAN: {cfg.student_sample_steps} steps (one count per step, gradient "
+                     "through the last step)")
+    if cfg.dmd_weight > 0:
+        g = f"g = {cfg.dmd_guidance_scale}" if cfg.dmd_guidance_scale > 0 else f"w ~ U[{cfg.w_min}, {cfg.w_max}]"
+        lines.append(f"DMD: real score = teacher with CFG ({g}), fake score = LoRA adapter 'fake' "
+                     f"(rank {cfg.fake_lora_rank or cfg.lora_rank}), t ~ U[{cfg.dmd_t_min}, {cfg.dmd_t_max}]")
+    if cfg.gan_weight > 0:
+        real = (f"the student's {cfg.gan_real_steps}-step output" if cfg.gan_real == "student"
+                else f"data latents ({cfg.gan_real_data or 'the training shards'})")
+        lines.append(f"GAN: {cfg.gan_loss} loss, heads on the {cfg.gan_backbone}'s {cfg.gan_features} features at "
+                     f"t ~ U[{cfg.gan_t_min}, {cfg.gan_t_max}]; real = {real}")
+    if cfg.reward_weight > 0:
+        form = "-R" if cfg.reward_kind == "plain" else (
+            f"hinge, margin {cfg.reward_margin or 'the reward default'}, plus a hinge on a mismatched prompt "
+            f"(margin {cfg.reward_mismatch_margin}) when the reward reads the prompt")
+        lines.append(f"reward: {cfg.reward_model} ({form}), weight {cfg.reward_weight}, on the decoded output of the "
+                     f"student's {cfg.reward_sample_steps}-step walk (gradient through its last step)")
     eff = cfg.batch_size * cfg.gradient_accumulation_steps
     lines.append(f"optimisation: {cfg.max_steps} steps x batch {cfg.batch_size} x accumulation "
-                 f"{cfg.gradient_accumulation_steps} (= {eff} per process), AdamW lr {cfg.learning_rate} "
-                 f"({cfg.lr_scheduler}, warm-up {cfg.lr_warmup_steps}), precision {cfg.mixed_precision}")
+                 f"{cfg.gradient_accumulation_steps} (= {eff} per process), precision {cfg.mixed_precision}")
+    for spec in recipe_parts(cfg):
+        lines.append(f"part {spec.name}: AdamW lr {spec.learning_rate:g} ({spec.lr_scheduler}, warm-up "
+                     f"{spec.lr_warmup_steps}), {spec.num_updates(cfg.max_steps)} updates (every {spec.every} "
+                     f"step{'s' if spec.every > 1 else ''})")
+    for phase in recipe_phases(cfg):
+        lines.append(f"phase {phase.name} (trains {phase.part}, every {phase.every}): "
+                     + (" + ".join(phase.terms) or "nothing"))
     lines.append(f"checkpoints every {cfg.checkpointing_steps} steps (keep {cfg.checkpoints_total_limit}); "
                  f"validation every {cfg.validation_steps or 'end'} at {cfg.validation_num_steps} steps")
     for n in sorted({1, 2, 4, 8, cfg.sampling_steps}):
@@ -564,4 +669,3 @@ def plan_text(cfg: DistillConfig) -> str:
             p = sampling_plan(cfg, n)
             lines.append(f"sampling {n} steps: {p.mode} at {p.timesteps}")
     return "\n".join(lines)
-

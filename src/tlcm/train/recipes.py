@@ -1,10 +1,12 @@
-"""What each recipe trains on (times) and how its student samples (timesteps, mode, boundary): config -> plain values.
+"""What each recipe trains (its parts and phases), on what (times) and how its student samples: config -> plain values.
 
-The formulas live in :mod:`tlcm.losses.consistency` and :mod:`tlcm.math`; this module only chooses among them.
+The formulas live in :mod:`tlcm.losses` and :mod:`tlcm.math`, the phase losses in :mod:`tlcm.train.phases`; this
+module only chooses among them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,3 +81,78 @@ def scheduler_settings(cfg: DistillConfig) -> dict:
         "timestep_grid": cfg.timestep_grid,
         "gamma": 1.0,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parts and phases
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A trainable part: its own AdamW optimiser, learning rate and schedule, updated every ``every`` steps."""
+
+    name: str  # student | fake | discriminator
+    learning_rate: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    every: int
+
+    def num_updates(self, max_steps: int) -> int:
+        """How many times the part steps in a run of ``max_steps`` (its LR schedule's length)."""
+        return math.ceil(max_steps / self.every)
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One phase of a step: train ``part`` on the loss :class:`tlcm.train.phases.StepLosses` ``.<name>`` computes."""
+
+    name: str  # the StepLosses method: student | fake | discriminator
+    part: str
+    every: int
+    terms: tuple[str, ...]  # what the loss sums (for --dry-run and the docs)
+
+    def due(self, step: int) -> bool:
+        """Runs at steps 0, every, 2 every, ... (0-based: the first step trains every part)."""
+        return step % self.every == 0
+
+
+def recipe_parts(cfg: DistillConfig) -> list[PartSpec]:
+    """The trainable parts the config's techniques need, the student first."""
+    from tlcm.train.student import needs_fake_score
+
+    parts = [PartSpec("student", cfg.learning_rate, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.student_update_every)]
+    if needs_fake_score(cfg):
+        parts.append(PartSpec("fake", cfg.fake_learning_rate or cfg.learning_rate, "constant", 0, 1))
+    if cfg.gan_weight > 0 and cfg.gan_backbone == "teacher":
+        parts.append(PartSpec("discriminator", cfg.disc_learning_rate, "constant", 0, 1))
+    return parts
+
+
+def recipe_phases(cfg: DistillConfig) -> list[PhaseSpec]:
+    """The phases of one step, in order: the student (every ``student_update_every`` steps), then the fake score and
+    the discriminator (every step): DMD2's order and two time-scale rule."""
+    from tlcm.train.student import needs_fake_score
+
+    terms = []
+    if cfg.consistency_weight > 0:
+        terms.append(f"{cfg.consistency_weight:g} x {cfg.recipe} consistency ({cfg.state_source})"
+                     if cfg.recipe != "tlcm" else f"{cfg.consistency_weight:g} x tlcm stage-2 consistency")
+    if cfg.dmd_weight > 0:
+        terms.append(f"{cfg.dmd_weight:g} x DMD")
+    if cfg.gan_weight > 0:
+        terms.append(f"{cfg.gan_weight:g} x GAN generator ({cfg.gan_loss})")
+    if cfg.reward_weight > 0:
+        terms.append(f"{cfg.reward_weight:g} x reward {cfg.reward_kind} ({cfg.reward_model})")
+    terms += [f"{w:g} x {name}" for name, w in cfg.extra_losses.items() if w]
+    phases = [PhaseSpec("student", "student", cfg.student_update_every, tuple(terms))]
+    if needs_fake_score(cfg):
+        fake_terms = ["fake-score denoising"]
+        if cfg.gan_weight > 0 and cfg.gan_backbone == "fake":
+            fake_terms.append(f"{cfg.gan_disc_weight:g} x GAN discriminator ({cfg.gan_loss}, heads on the fake score)")
+        phases.append(PhaseSpec("fake", "fake", 1, tuple(fake_terms)))
+    if cfg.gan_weight > 0 and cfg.gan_backbone == "teacher":
+        phases.append(PhaseSpec("discriminator", "discriminator", 1,
+                                (f"{cfg.gan_disc_weight:g} x GAN discriminator ({cfg.gan_loss}, heads on the "
+                                 "frozen teacher)",)))
+    return phases

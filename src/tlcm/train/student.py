@@ -3,6 +3,12 @@
 With a LoRA student the teacher *is* the same UNet with its adapters disabled (diffusers' LCM-LoRA SDXL script), so
 memory holds the base weights once. A full fine-tune keeps three UNets: student (trained), teacher (frozen) and the
 EMA target ``theta^-``.
+
+The bag of techniques adds, when asked: the **fake score** of distribution matching, a second peft adapter named
+``fake`` on the teacher's UNet (the same UNet as a LoRA student's), and the discriminator's **heads**. Which adapter
+a forward uses is switched per pass with :meth:`Networks.use`; peft's switches also flip ``requires_grad`` on every
+adapter (``set_adapter``, ``enable_adapters``), so after each switch :class:`Networks` re-applies the trainable set
+the loop chose for the phase (:meth:`Networks.set_trainable`): exactly one part receives gradients.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +26,7 @@ from tlcm.errors import TLCMError
 from tlcm.train.config import LORA_TARGETS_CONV, DistillConfig
 
 ADAPTER_NAME = "default"
+FAKE_ADAPTER = "fake"
 GUIDANCE_EMBED_DIM = 256  # LCM-Dreamshaper's time_cond_proj_dim
 
 
@@ -48,30 +56,163 @@ def resolve_target_modules(unet, cfg: DistillConfig) -> list[str]:
     return explicit
 
 
+def adapter_parameters(unet, adapter: str) -> list[torch.nn.Parameter]:
+    """The parameters of one peft adapter on ``unet`` (names ``...lora_A.<adapter>.weight``), in module order."""
+    return [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter}." in n]
+
+
 @dataclass
 class Networks:
     """Everything the loop calls. ``student`` is trainable; ``teacher_unet``/``target_unet`` may be ``student``."""
 
     student: torch.nn.Module
-    teacher_unet: torch.nn.Module  # same object as student for LoRA (use teacher_context)
+    teacher_unet: torch.nn.Module  # same object as student for LoRA (use teacher_context); hosts the fake adapter
     target_unet: torch.nn.Module | None  # EMA copy (full), or None: the student without gradient
     is_lora: bool
     lora_config: object | None = None
+    fake_config: object | None = None  # the fake-score adapter's LoraConfig, when distribution matching is on
+    heads: torch.nn.Module | None = None  # the discriminator heads, when the GAN is on
+    _trainable: set[int] = field(default_factory=set)
+    _candidates: list[torch.nn.Parameter] | None = None
+    _layers: list | None = None
+    _role: str = "student"
+    _blocks: dict = field(default_factory=dict)
 
-    @contextlib.contextmanager
-    def teacher_context(self, unwrapped_student):
-        """Run the teacher: with LoRA, the adapters are switched off for the duration."""
+    # --- which parameters exist, and which train in the current phase ---------------------------------------------
+
+    def student_parameters(self) -> list[torch.nn.Parameter]:
         if self.is_lora:
-            unwrapped_student.disable_adapters()
-            try:
-                yield unwrapped_student
-            finally:
-                unwrapped_student.enable_adapters()
-        else:
-            yield self.teacher_unet
+            return adapter_parameters(self.student, ADAPTER_NAME)
+        return list(self.student.parameters())
+
+    def fake_parameters(self) -> list[torch.nn.Parameter]:
+        return adapter_parameters(self.teacher_unet, FAKE_ADAPTER) if self.fake_config is not None else []
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.heads.parameters()) if self.heads is not None else []
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad]
+        """The student's parameters (what the consistency recipes train)."""
+        return self.student_parameters()
+
+    def parameters_changed(self) -> None:
+        """Forget the cached parameter lists (after FSDP sharding replaced every ``Parameter`` object)."""
+        self._candidates = None
+        self._blocks.clear()
+
+    def _all_trainable(self) -> list[torch.nn.Parameter]:
+        if self._candidates is None:  # the Parameter objects never change after build_networks
+            self._candidates = self.student_parameters() + self.fake_parameters() + self.head_parameters()
+        return self._candidates
+
+    def set_trainable(self, params: list[torch.nn.Parameter]) -> None:
+        """Make exactly ``params`` require gradients (among the student, fake adapter and heads); kept across
+        adapter switches until the next call."""
+        self._trainable = {id(p) for p in params}
+        self._apply_trainable()
+
+    def _apply_trainable(self, params: list[torch.nn.Parameter] | None = None) -> None:
+        if not self._trainable:
+            return
+        for p in self._all_trainable() if params is None else params:
+            p.requires_grad_(id(p) in self._trainable)
+
+    # --- which network a forward pass is --------------------------------------------------------------------------
+
+    def _tuner_layers(self) -> list:
+        """The peft layers of the teacher's UNet, found once (diffusers' switches walk every module per call)."""
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._layers = [m for m in self.teacher_unet.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        """Yield the module to call as ``role``: ``teacher`` (adapters off), ``fake`` (the fake adapter alone) or
+        ``student`` (its own adapter, the default state). The previous state is restored on exit.
+
+        The switches are peft's own per-layer ``enable_adapters`` / ``set_adapter``, which also set
+        ``requires_grad`` on the adapters; the trainable set is re-applied after each of them."""
+        if role == "student":
+            yield self.student
+            return
+        if role not in ("teacher", "fake"):
+            raise ValueError(f"unknown network role {role!r}")
+        assert role == "teacher" or self.fake_config is not None, "no fake-score adapter was built"
+        assert self._role == "student", f"nested network roles ({self._role} inside, {role} asked)"
+        self._set_role(self._tuner_layers(), role)
+        self._apply_trainable()
+        self._role = role
+        try:
+            yield self.teacher_unet
+        finally:
+            self._role = "student"
+            self._set_role(self._tuner_layers(), "student")
+            self._apply_trainable()
+
+    def _set_role(self, layers: list, role: str) -> None:
+        """Put peft ``layers`` of the teacher's UNet in the state of ``role`` (the student state: adapters on,
+        the student's active)."""
+        if role == "teacher":
+            for layer in layers:
+                layer.enable_adapters(False)
+        elif role == "fake" and self.is_lora:
+            for layer in layers:
+                layer.set_adapter([FAKE_ADAPTER])
+        elif role == "student":
+            for layer in layers:
+                if self.is_lora and layer.active_adapters != [ADAPTER_NAME]:
+                    layer.set_adapter([ADAPTER_NAME])
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+
+    # --- gradient checkpointing across roles ----------------------------------------------------------------------
+
+    def checkpoint_function(self):
+        """diffusers' ``gradient_checkpointing_func`` that remembers the role of the forward pass.
+
+        Non-reentrant checkpointing recomputes a block's forward during ``backward``, which runs after the role
+        context has closed: the recomputation would use the student's adapter where the forward used the fake one
+        (or none). This function records the role at forward time and re-applies it to the block's own peft layers
+        (and their ``requires_grad``) for the recomputation only.
+        """
+        import torch.utils.checkpoint
+
+        def fn(module, *args):
+            role = self._role
+
+            def run(*inner):
+                if self._role == role:
+                    return module(*inner)
+                layers, params = self._block(module)
+                self._set_role(layers, role)
+                self._apply_trainable(params)
+                try:
+                    return module(*inner)
+                finally:
+                    self._set_role(layers, self._role)
+                    self._apply_trainable(params)
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+        return fn
+
+    def _block(self, module) -> tuple[list, list[torch.nn.Parameter]]:
+        key = id(module)
+        if key not in self._blocks:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            candidates = {id(p) for p in self._all_trainable()}
+            self._blocks[key] = ([m for m in module.modules() if isinstance(m, BaseTunerLayer)],
+                                 [p for p in module.parameters() if id(p) in candidates])
+        return self._blocks[key]
+
+    @contextlib.contextmanager
+    def teacher_context(self, unwrapped_student=None):
+        """Run the teacher: with LoRA, the adapters are switched off for the duration."""
+        with self.use("teacher") as unet:
+            yield unet
 
 
 def lora_config_from(cfg: DistillConfig, unet):
@@ -103,8 +244,57 @@ def load_adapter_into(unet, adapter_dir: str | Path) -> object:
     return config
 
 
+def needs_fake_score(cfg: DistillConfig) -> bool:
+    return cfg.dmd_weight > 0 or (cfg.gan_weight > 0 and cfg.gan_backbone == "fake")
+
+
+def add_fake_adapter(unet, cfg: DistillConfig, student_lora_config=None) -> object:
+    """The fake-score model: a LoRA adapter named ``fake`` on the teacher's UNet, on the student's target modules.
+
+    Its B matrices start at zero (peft's ``gaussian`` init), so it starts as the teacher, as DMD2's fake UNet does;
+    its A matrices come from ``cfg.seed`` (not the global RNG), so equal configs build equal adapters.
+    """
+    from peft import LoraConfig
+
+    rank = cfg.fake_lora_rank or (int(student_lora_config.r) if student_lora_config is not None else cfg.lora_rank)
+    targets = (sorted(student_lora_config.target_modules) if student_lora_config is not None
+               else resolve_target_modules(unet, cfg))
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose
+        torch.manual_seed(cfg.seed + 7_919)
+        unet.add_adapter(config, adapter_name=FAKE_ADAPTER)
+    return config
+
+
 def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.float32) -> Networks:
-    """Freeze the teacher, inject the LoRA (or copy the UNet), set up the target network."""
+    """Freeze the teacher, inject the LoRA (or copy the UNet), set up the target network; add the fake-score adapter
+    and the discriminator heads when the config's techniques need them.
+
+    Every random initialisation follows ``cfg.seed`` and leaves the global RNG untouched (equal configs, equal
+    bytes): the student's (LoRA A matrices, a new guidance embedding) from ``cfg.seed`` here, the fake adapter's and
+    the heads' from their own offsets of it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        nets = _build_student(unet, cfg, weight_dtype)
+    if needs_fake_score(cfg):
+        nets.fake_config = add_fake_adapter(nets.teacher_unet, cfg, nets.lora_config)
+        if nets.is_lora:
+            nets.teacher_unet.set_adapter(ADAPTER_NAME)
+        elif weight_dtype != torch.float32:
+            for name, p in nets.teacher_unet.named_parameters():
+                if "lora_" not in name:
+                    p.data = p.data.to(weight_dtype)
+    if cfg.gan_weight > 0:
+        from tlcm.train.discriminator import build_heads
+
+        nets.heads = build_heads(nets.teacher_unet, cfg.gan_features, seed=cfg.seed + 104_729)
+    if nets.fake_config is not None or nets.heads is not None:
+        nets.set_trainable(nets.student_parameters())
+    return nets
+
+
+def _build_student(unet, cfg: DistillConfig, weight_dtype: torch.dtype) -> Networks:
     unet.requires_grad_(False)
     wants_embed = cfg.guidance_embedding
     has_embed = getattr(unet.config, "time_cond_proj_dim", None) is not None
@@ -122,9 +312,10 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
             unet.add_adapter(config, adapter_name=ADAPTER_NAME)
         for name, p in unet.named_parameters():
             p.requires_grad_("lora_" in name)
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        return Networks(unet, unet, None, True, config)
+        nets = Networks(unet, unet, None, True, config)
+        if cfg.gradient_checkpointing:  # the teacher, student and fake score share this UNet: role-aware recompute
+            unet.enable_gradient_checkpointing(gradient_checkpointing_func=nets.checkpoint_function())
+        return nets
 
     if wants_embed and not has_embed:
         from diffusers import UNet2DConditionModel
@@ -135,7 +326,7 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
         student = student.to(torch.float32)
     else:
         student = copy.deepcopy(unet).to(torch.float32)
-    teacher = unet.to(dtype=weight_dtype)
+    teacher = unet if needs_fake_score(cfg) else unet.to(dtype=weight_dtype)  # cast after the fake adapter joins
     teacher.eval()
     student.requires_grad_(True)
     student.train()
@@ -167,11 +358,17 @@ class EMA:
         self.target.load_state_dict(state["target"])
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter weights in peft's naming (no adapter name, no ``base_model.model.`` prefix)."""
-    from peft import get_peft_model_state_dict
+def lora_state_dict(unet, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """One adapter's weights in peft's naming (no adapter name, no ``base_model.model.`` prefix).
 
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    The one function through which adapter weights leave the model (export and checkpoints). On a UNet sharded by
+    FSDP it gathers each weight whole: a collective, which every process must call."""
+    from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+            for k, v in state.items()}
 
 
 def save_peft_adapter(unet, lora_config, path: str | Path) -> Path:
