@@ -96,9 +96,8 @@ def test_real_toy_metrics_alignment_of_real_images_near_classifier_accuracy():
     from tlcm.toy.shapes import prompts as toy_prompts
     from tlcm.toy.shapes import render_prompts
 
-    if not (assets_dir() / "metrics" / "classifier.safetensors").is_file():
-        pytest.skip("the toy metrics classifier is not shipped in this checkout")
-    classifier = toy.ToyMetrics.load()
+    assert (assets_dir("v3") / "metrics" / "classifier.safetensors").is_file(), "the v3 classifier ships"
+    classifier = toy.ToyMetrics.load(world="v3")
     accuracy = toy.evaluate_classifier(classifier, n=200, seed=77)["accuracy_train_mean"]
     prompts = toy_prompts(200, seed=123)
     images = render_prompts(prompts, seed=5)

@@ -1,4 +1,5 @@
-"""Metric sanity with the shipped classifier, the metrics trainer's mechanics, and the shipped assets' contract."""
+"""The v3 (shapes) world: metric sanity with its shipped classifier, the metrics trainer's mechanics, and its shipped
+assets' contract (v4: tests/toy/test_scene_assets.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tlcm.toy.metrics import MetricsConfig, ToyMetrics, train_metrics
 
 @pytest.fixture(scope="module")
 def metrics():
-    return ToyMetrics.load()
+    return ToyMetrics.load(world="v3")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_real_vs_real_fid_is_far_below_real_vs_noise(metrics, real_sets):
 
 def test_alignment_of_real_images_is_near_classifier_accuracy(metrics, real_sets):
     prompt_list, a, _ = real_sets
-    acc = json.loads((assets_dir() / "PROVENANCE.json").read_text())["classifier"]["accuracy_train_mean"]
+    acc = json.loads((assets_dir("v3") / "PROVENANCE.json").read_text())["classifier"]["accuracy_train_mean"]
     align = metrics.alignment(a, prompt_list)
     assert align >= 0.95 and abs(align - acc) < 0.05
     # mismatched prompts score low
@@ -76,12 +77,12 @@ def test_metrics_trainer_writes_a_loadable_classifier(tmp_path):
 
 
 def test_shipped_assets_contract():
-    prov = json.loads((assets_dir() / "PROVENANCE.json").read_text())
+    prov = json.loads((assets_dir("v3") / "PROVENANCE.json").read_text())
     assert prov["command"].startswith("tlcm toy build") and "seed" in prov and "git_commit" in prov
     assert {"heldin", "heldout"} <= set(prov["evaluation"])
-    lines = default_prompts_path().read_text().splitlines()
+    lines = default_prompts_path("v3").read_text().splitlines()
     assert len(lines) == 2000 and all(shapes.attributes_from_prompt(x) for x in lines[:50])
-    size = sum(p.stat().st_size for p in assets_dir().rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in assets_dir("v3").rglob("*") if p.is_file())
     assert size < 32 * 2**20
 
 
@@ -89,8 +90,8 @@ def test_shipped_teacher_loads_and_samples(tmp_path, monkeypatch):
     from tlcm.toy import load_teacher, teacher_path
 
     monkeypatch.setenv("TLCM_CACHE", str(tmp_path))
-    assert (teacher_path() / "model_index.json").is_file()
-    pipe = load_teacher()
+    assert (teacher_path(world="v3") / "model_index.json").is_file()
+    pipe = load_teacher(world="v3")
     out = pipe(
         ["a large red circle in the center on a white background"],
         num_inference_steps=4,

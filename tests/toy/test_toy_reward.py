@@ -152,7 +152,7 @@ def test_world_resolution_and_errors(tmp_path, monkeypatch):
         vae_round_trip(np.zeros((2, 32, 32, 3), np.uint8), str(tmp_path))
     import tlcm.toy
 
-    monkeypatch.setattr(tlcm.toy, "assets_dir", lambda: tmp_path)
+    monkeypatch.setattr(tlcm.toy, "assets_dir", lambda world=None: tmp_path)
     with pytest.raises(TLCMError, match="tlcm toy train-reward"):
         load_reward("toy")
     with pytest.raises(TLCMError, match="tlcm toy train-reward"):

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train-reward", help="train the toy reward model (contrastive image/MiniLM-text, for reward "
                        "learning; not the metrics classifier)")
     p.add_argument("--out", required=True, help="output folder (reward.safetensors, config.json, report.json)")
-    p.add_argument("--world", help="toy world module under tlcm.toy (default shapes)")
+    p.add_argument("--world", help="v4 (scenes, default) or v3 (shapes)")
     p.add_argument("--images", type=int, dest="train_images", help="training images (default 8000)")
     p.add_argument("--vae", help="VAE for the round-trip augmentation: toy (default), a folder, or '' for none")
     _common_train_args(p)

@@ -10,7 +10,7 @@ light blur and noise, so that the model reads VAE-decoded student images as well
 It is **not** the metrics classifier (``tlcm.toy.metrics``), which is the evaluation's yardstick and must never be a
 training loss: different architecture and weights, its own initialisation seed (``seed``, 2000 vs 1000) and its own
 training images (``data_seed`` 3000, vs the classifier's 1000 and the teacher dataset's 0). The world is a config
-field (``world: shapes``, resolved to ``tlcm.toy.<world>``), trained at the world's native resolution.
+field (`world: v4`, resolved by :func:`tlcm.toy.worlds.get_world`), trained at the world's native resolution.
 """
 
 from __future__ import annotations
