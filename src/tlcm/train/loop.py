@@ -362,6 +362,12 @@ def distill(
         noise = torch.randn(x0.shape, generator=gen).to(device)
         w = (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(bsz, generator=gen)).to(device)
         guided = cfg.w_max > 0
+        # >>> universal (CFG-preserving students): prompt dropout (draws nothing when 0: other runs are unchanged)
+        if cfg.prompt_dropout > 0:
+            from tlcm.train.conditioning import drop_prompts
+
+            cond, _ = drop_prompts(cond, uncond, cfg.prompt_dropout, gen)
+        # <<< universal
         t_cond = guidance_scale_embedding(w, embed_dim).to(device, weight_dtype) if embed_dim else None
         # 5b. the networks, as callables over (z, t)
         student_fn = _unet_fn(student, cond, t_cond)
