@@ -116,32 +116,13 @@ def test_style_classifier_learns_to_see_shadows(tmp_path):
 
 
 # --- fine-tunes -----------------------------------------------------------------------------------------------------
-def _tiny_v4_teacher(folder):
-    """A random tiny scenes-world pipeline folder (48 px, f = 4 VAE, MiniLM, tlcm_toy.json world v4)."""
-    from diffusers import AutoencoderKL
-
-    from tlcm.toy.teacher import TeacherConfig, build_unet
-
-    torch.manual_seed(0)
-    unet = build_unet(TeacherConfig(resolution=48, block_out_channels=(32, 32)))
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=32,
-                        sample_size=48)
-    unet.save_pretrained(folder / "src-unet")
-    vae.save_pretrained(folder / "src-vae")
-    common.write_tokenizer(folder / "src-tok", scenes.TEXT_MAX_LENGTH)
-    pipe = common.assemble_pipeline(folder / "teacher", folder / "src-unet", folder / "src-vae",
-                                    tokenizer_dir=folder / "src-tok")
-    common.write_json(pipe / "tlcm_toy.json", {"world": "v4"})
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, style_folder):
+    from tlcm.testing import save_tiny_toy_pipeline
     from tlcm.toy.finetune import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("finetune")
-    teacher = _tiny_v4_teacher(root)
+    teacher = save_tiny_toy_pipeline(root / "teacher")
     cfg = FinetuneConfig(teacher=str(teacher), images=8, steps=3, batch_size=4, lr=1e-2, lora_lr=1e-1,
                          lora_rank=4, checkpoint_every=3, eval_prompts=4, eval_steps=2,
                          style_classifier=str(style_folder[0]), threads=1)

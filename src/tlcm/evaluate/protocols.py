@@ -92,18 +92,53 @@ def parse_list(text, cast, what: str) -> list:
 
 
 def parse_lora(text: str) -> tuple[str, str, float]:
-    """``NAME=PATH`` or ``NAME=PATH@WEIGHT`` -> (name, path, weight)."""
+    """``NAME=PATH`` or ``NAME=PATH@WEIGHT`` -> (name, path, weight) (of the first LoRA of a ``+`` list)."""
+    name, loras = parse_lora_stack(text)
+    return name, *loras[0]
+
+
+def parse_lora_stack(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """``NAME=PATH[@W][+PATH2[@W2]...]`` -> (name, [(path, weight), ...]): a model that is the base with several
+    LoRAs at once, e.g. ``accel_style=runs/lcm+style.safetensors@0.8`` (the first one, usually the distilled
+    student, supplies the scheduler and sampling defaults)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise TLCMError(f"bad --lora {text!r}", "write --lora NAME=PATH (or NAME=PATH@WEIGHT)")
-    path, weight = rest, 1.0
-    if "@" in rest:
-        path, _, w = rest.rpartition("@")
-        try:
-            weight = float(w)
-        except ValueError as err:
-            raise TLCMError(f"bad LoRA weight in {text!r}", "write NAME=PATH@0.8") from err
-    return name, path, weight
+        raise TLCMError(f"bad --lora {text!r}", "write --lora NAME=PATH (or NAME=PATH@WEIGHT, or NAME=A@1+B@0.8)")
+    loras = []
+    for part in rest.split("+"):
+        path, weight = part, 1.0
+        if "@" in part:
+            path, _, w = part.rpartition("@")
+            try:
+                weight = float(w)
+            except ValueError as err:
+                raise TLCMError(f"bad LoRA weight in {text!r}", "write NAME=PATH@0.8 (or NAME=A@1+B@0.8)") from err
+        if not path:
+            raise TLCMError(f"empty LoRA path in {text!r}", "write NAME=PATH[@W][+PATH2[@W2]]")
+        loras.append((path, weight))
+    return name, loras
+
+
+def _style_vae(base: str, world: str | None) -> str:
+    """The VAE the style classifier must read through: the base pipeline folder's own, else the shipped toy one."""
+    from pathlib import Path
+
+    folder = Path(str(base)).expanduser() / "vae"
+    return str(folder) if (folder / "config.json").is_file() else "toy"
+
+
+def toy_world_of(model: str | None) -> str | None:
+    """The toy world of a base model: ``toy`` names, and pipeline folders that carry ``tlcm_toy.json`` (toy builds
+    and their fine-tunes); ``None`` for anything else."""
+    from pathlib import Path
+
+    from tlcm.toy import MARKER, is_toy_name, world_of_model
+
+    if model is None:
+        return None
+    if is_toy_name(model) or (Path(str(model)).expanduser() / MARKER).is_file():
+        return world_of_model(str(Path(str(model)).expanduser()) if not is_toy_name(model) else model)
+    return None
 
 
 def config_from_options(
@@ -140,14 +175,21 @@ def config_from_options(
     aesthetic_clip: str | None = None,
     timestep_spacing: str = "trailing",
     resume: bool = True,
+    style: str | None = None,
+    style_classifier: str | None = None,
     **_ignored,
 ) -> SweepConfig:
     """Resolve a protocol plus explicit options (explicit wins) into a sweep configuration."""
-    proto = get_protocol(protocol if protocol else ("toy" if model == "toy" else None))
+    # a toy name or a toy pipeline folder (e.g. a `tlcm toy finetune` output) implies the toy protocol
+    proto = get_protocol(protocol if protocol else ("toy" if toy_world_of(model) else None))
     base = model or (proto.base if proto else None)
     if not base:
         raise TLCMError("no model to evaluate", "pass --model (a hub id, a pipeline folder or 'toy') or --protocol")
-    toy_world = base == "toy" or bool(proto and proto.toy)
+    world = toy_world_of(base)
+    toy_world = world is not None or bool(proto and proto.toy)
+    if style and not toy_world:
+        raise TLCMError(f"--style {style} scores a toy rendering style, but {base!r} is not a toy model",
+                        "use --style with --model toy or a toy pipeline folder (e.g. a `tlcm toy finetune` output)")
 
     # prompts and seeds
     count = num_prompts if num_prompts is not None else (proto.num_prompts if proto else None)
@@ -155,9 +197,9 @@ def config_from_options(
     if prompts:
         prompt_list = take(read_prompts(prompts, prompt_column), count, prompts)
     elif toy_world:
-        from tlcm.toy.shapes import prompts as toy_prompts
+        from tlcm.toy.worlds import get_world
 
-        prompt_list = toy_prompts(count or 256, seed=seed0, split=toy_split)
+        prompt_list = get_world(world).prompts(count or 256, seed=seed0, split=toy_split)
     elif proto and proto.needs_prompt_file:
         raise TLCMError(f"protocol {proto.name!r} needs its prompt file", "; ".join(proto.notes))
     else:
@@ -176,18 +218,19 @@ def config_from_options(
     if not no_teacher:
         models.append(ModelSpec("teacher", base, schedulers=t_sched, steps=t_steps, guidance=t_guid))
     for item in lora or []:
-        name, path, weight = parse_lora(item)
+        name, stack = parse_lora_stack(item)
+        (path, weight), extra = stack[0], stack[1:]
         sg = parse_list(student_guidance, float, "student-guidance")
         if sg is None:
             saved = sampling_defaults(path).get("guidance_scale")
             sg = [float(saved)] if saved is not None else list(proto.student_guidance if proto else (1.0,))
         models.append(ModelSpec(name, base, lora=path, lora_weight=weight, schedulers=s_sched, steps=st,
-                                guidance=sg))
+                                guidance=sg, extra_loras=extra))
     if not models:
         raise TLCMError("nothing to evaluate: --no-teacher and no --lora", "add --lora NAME=DIR or drop --no-teacher")
 
     # reference and metrics
-    ref = ReferenceSpec(data="toy" if toy_world else reference_images)
+    ref = ReferenceSpec(data=f"toy:{world or ''}".rstrip(":") if toy_world else reference_images)
     if not no_reference:
         r_sched, r_steps, r_guid = proto.reference if proto else ("dpmpp", 25, t_guid[0])
         if reference_solver:
@@ -209,6 +252,10 @@ def config_from_options(
         aesthetic_weights=aesthetic_weights,
         aesthetic_clip=aesthetic_clip or (proto.aesthetic_clip if proto else None),
         device=device,
+        toy_world=world,
+        style=style,
+        style_classifier=style_classifier,
+        style_vae=_style_vae(base, world) if style else None,
     )
     return SweepConfig(
         models=models,

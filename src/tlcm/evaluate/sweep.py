@@ -88,7 +88,8 @@ class SchedulerSpec:
 
 @dataclass
 class ModelSpec:
-    """One model of the grid and the cells to run with it."""
+    """One model of the grid and the cells to run with it. ``extra_loras``: further ``(path, weight)`` LoRAs loaded
+    next to ``lora`` (e.g. a style LoRA beside an acceleration LoRA); ``lora`` supplies the scheduler and defaults."""
 
     name: str
     base: str
@@ -97,6 +98,7 @@ class ModelSpec:
     schedulers: list[SchedulerSpec] = field(default_factory=lambda: [SchedulerSpec("ddim")])
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: list[float] = field(default_factory=lambda: [7.5])
+    extra_loras: list[tuple[str, float]] = field(default_factory=list)
 
     def __post_init__(self):
         self.schedulers = [s if isinstance(s, SchedulerSpec) else SchedulerSpec.parse(s) for s in self.schedulers]
@@ -281,13 +283,14 @@ def load_model(spec: ModelSpec, device: str, dtype: str):
 
     pipe = load_pipeline(spec.base, device=device, dtype=dtype)
     if spec.lora:
-        path = Path(spec.lora).expanduser()
-        if not path.exists():
-            raise TLCMError(f"LoRA {spec.lora!r} for model {spec.name!r} does not exist",
-                            "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
+        loras = [(spec.lora, spec.lora_weight), *spec.extra_loras]
+        for lora, _ in loras:
+            if not Path(lora).expanduser().exists():
+                raise TLCMError(f"LoRA {lora!r} for model {spec.name!r} does not exist",
+                                "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
         from tlcm.lora import load_loras
 
-        load_loras(pipe, [(str(path), spec.lora_weight)])
+        load_loras(pipe, [(str(Path(p).expanduser()), w) for p, w in loras])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -352,10 +355,11 @@ def load_image_folder(folder: str | Path, n: int, size: tuple[int, int] | None =
 def build_reference(cfg: SweepConfig, out: Path, log) -> Reference:
     ref = Reference(prompts=list(cfg.prompts))
     rs = cfg.reference
-    if rs.data == "toy":
-        from tlcm.toy.shapes import render_prompts
+    if rs.data == "toy" or (rs.data or "").startswith("toy:"):  # "toy:v4": real images rendered for the prompts
+        from tlcm.toy.worlds import get_world
 
-        ref.data_images = render_prompts(cfg.prompts, seed=cfg.seeds[0] if cfg.seeds else 0)
+        world = get_world(rs.data.partition(":")[2] or None)
+        ref.data_images = world.render_prompts(cfg.prompts, seed=cfg.seeds[0] if cfg.seeds else 0)
     elif rs.data:
         size = (cfg.width, cfg.height) if cfg.width and cfg.height else None
         ref.data_images = load_image_folder(rs.data, len(cfg.prompts), size)
@@ -437,9 +441,10 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     if len(set(names)) != len(names):
         raise TLCMError(f"model names must be unique, got {names}", "give each --lora a distinct NAME=")
     for m in cfg.models:  # fail before hours of generation, not after
-        if m.lora and not Path(m.lora).expanduser().exists():
-            raise TLCMError(f"LoRA {m.lora!r} for model {m.name!r} does not exist",
-                            "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
+        for lora in ([m.lora] if m.lora else []) + [p for p, _ in m.extra_loras]:
+            if not Path(lora).expanduser().exists():
+                raise TLCMError(f"LoRA {lora!r} for model {m.name!r} does not exist",
+                                "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -491,6 +496,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 warmed = True
             row, images = run_cell(pipe, c, cfg, device)
             row["lora"] = spec.lora
+            if spec.extra_loras:
+                row["extra_loras"] = [[p, w] for p, w in spec.extra_loras]
             if sampling:
                 row["lora_sampling"] = sampling
             for m in metrics:
