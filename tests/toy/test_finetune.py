@@ -180,6 +180,11 @@ def test_finetune_evaluation_and_resume(finetuned):
     assert set(ev) >= {"base", "full", "base+lora", "prompts", "steps"}
     for name in ("base", "full", "base+lora"):
         assert 0.0 <= ev[name]["style_score"] <= 1.0
+    # a fine-tune whose own samples barely show the style is flagged (transfer measurements need it to carry it)
+    weak = [name for name in ("full", "base+lora") if ev[name]["style_score"] < 0.9]
+    assert len(ev.get("warnings", [])) == len(weak)
+    assert all(w.startswith(f"{name}: only ") for w, name in zip(ev.get("warnings", []), weak))
+    assert ev["steps"] == cfg.eval_steps == 2
     assert (root / "out" / "samples.png").is_file()
     mtime = (root / "out" / "full" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
     again = finetune(cfg, root / "out", progress=False)  # finished: nothing retrains, the report is kept
@@ -214,3 +219,6 @@ def test_cli_finetune_and_train_style_are_wired(tmp_path, capsys):
     assert "not a diffusers pipeline" in capsys.readouterr().err
     assert main(["toy", "train-style", "--out", str(tmp_path / "s"), "--style", "sepia", "--no-progress"]) == 2
     assert "unknown rendering style" in capsys.readouterr().err
+    # --eval-steps reaches the config (validated before any model loads)
+    assert main(["toy", "finetune", "--out", str(tmp_path / "f"), "--eval-steps", "0", "--no-progress"]) == 2
+    assert "eval_steps=0 must be at least 1" in capsys.readouterr().err

@@ -83,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-lr", type=float, dest="lora_lr", help="style LoRA learning rate (default 1e-3)")
     p.add_argument("--eval-prompts", type=int, dest="eval_prompts", help="prompts of the final evaluation (default "
                    "64; 0: none)")
+    p.add_argument("--eval-steps", type=int, dest="eval_steps", help="DDIM steps of the final evaluation (default 50)")
     p.add_argument("--style-classifier", dest="style_classifier", help="a `tlcm toy train-style` folder (default: "
                    "built once for the teacher's VAE, cached)")
     p.add_argument("--metrics", help="metrics classifier folder for alignment (default: the shipped v4 one)")
@@ -182,8 +183,8 @@ def run(args) -> int:
     if cmd == "finetune":
         from tlcm.toy.finetune import FinetuneConfig, finetune
 
-        keys = ("teacher", "style", "mode", "images", "lora_rank", "lora_lr", "eval_prompts", "style_classifier",
-                "metrics")
+        keys = ("teacher", "style", "mode", "images", "lora_rank", "lora_lr", "eval_prompts", "eval_steps",
+                "style_classifier", "metrics")
         extra = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
         cfg = common.load_config(FinetuneConfig, args.config, {**extra, **_overrides(args)})
         _print(finetune(cfg, args.out, progress))
