@@ -129,3 +129,49 @@ def test_style_metric_without_its_classifier_is_a_notice(tmp_path):
     metrics, notices = build_metrics(MetricSpec(fid=False, style="shadow", style_classifier=str(tmp_path)))
     assert not any(isinstance(m, ToyStyleScore) for m in metrics)
     assert any("style score skipped" in n and "train-style" in n for n in notices)
+
+
+def test_toy_reference_data_may_be_drawn_in_a_style(tmp_path):
+    """``ReferenceSpec(data="toy:v4:shadow")``: the prompts rendered by the scenes world in that style (the data a
+    fine-tune's samples are compared with), the same scenes as without the style."""
+    import numpy as np
+
+    from tlcm.evaluate.sweep import ModelSpec, ReferenceSpec, SweepConfig, build_reference
+    from tlcm.toy import scenes
+
+    prompts = scenes.prompts(3, seed=10_000)
+
+    def data(spec: str):
+        cfg = SweepConfig(models=[ModelSpec("m", "toy")], prompts=prompts, seeds=[5, 6, 7], out_dir=str(tmp_path),
+                          reference=ReferenceSpec(model=None, data=spec))
+        return [np.asarray(im) for im in build_reference(cfg, tmp_path, log=lambda *_: None).data_images]
+
+    styled, plain = data("toy:v4:shadow"), data("toy:v4")
+    for got, want in zip(styled, scenes.render_prompts(prompts, seed=5, style="shadow")):
+        assert np.array_equal(got, np.asarray(want))
+    for got, want in zip(plain, scenes.render_prompts(prompts, seed=5)):
+        assert np.array_equal(got, np.asarray(want))
+    assert all(not np.array_equal(a, b) for a, b in zip(styled, plain))
+    with pytest.raises(TLCMError, match="unknown rendering style"):
+        data("toy:v4:sepia")
+
+
+def test_toy_metrics_may_come_from_a_folder(tmp_path):
+    """``MetricSpec(toy_metrics=DIR)``: the toy metrics read that classifier (e.g. a `tlcm toy build` before it ships);
+    a folder without one is a notice naming it, never a silent fallback to another classifier."""
+    from tlcm.evaluate.metrics import MetricSpec, ToyWorldMetrics, build_metrics
+    from tlcm.toy.scene_metrics import SceneMetricsConfig, train_scene_metrics
+
+    train_scene_metrics(SceneMetricsConfig(train_images=16, eval_images=4, steps=2, batch_size=8, width=8,
+                                           feature_dim=16, checkpoint_every=2, threads=1), tmp_path / "m",
+                        progress=False)
+    metrics, notices = build_metrics(MetricSpec(fid=False, toy=True, toy_world="v4", toy_metrics=str(tmp_path / "m")))
+    toy = [m for m in metrics if isinstance(m, ToyWorldMetrics)]
+    assert len(toy) == 1 and toy[0].toy.world == "v4"
+    from tlcm.toy import scenes
+
+    x = [r[0] for r in scenes.sample_records(2, seed=3)]
+    assert toy[0].toy.features(x).shape == (2, 16)  # the folder's feature_dim, not the shipped classifier's
+    metrics, notices = build_metrics(MetricSpec(fid=False, toy=True, toy_world="v4", toy_metrics=str(tmp_path / "x")))
+    assert not any(isinstance(m, ToyWorldMetrics) for m in metrics)
+    assert any("toy metrics skipped" in n for n in notices)

@@ -129,7 +129,7 @@ class ToyWorldMetrics(FeatureFID):
     name = "toy"
     prefix = "toy_fid"
 
-    def __init__(self, toy_metrics=None, world: str | None = None):
+    def __init__(self, toy_metrics=None, world: str | None = None, path: str | None = None):
         super().__init__()
         if toy_metrics is None:
             try:
@@ -138,7 +138,7 @@ class ToyWorldMetrics(FeatureFID):
                 raise MetricUnavailable("toy metrics skipped: tlcm.toy.metrics is not available in this install") \
                     from err
             try:
-                toy_metrics = ToyMetrics.load(world=world)
+                toy_metrics = ToyMetrics.load(path, world=world)
             except TLCMError as err:
                 raise MetricUnavailable(f"toy metrics skipped: {err.problem}") from err
         self.toy = toy_metrics
@@ -394,6 +394,7 @@ class MetricSpec:
     aesthetic_clip: str | None = None
     device: str = "cpu"
     toy_world: str | None = None  # the toy metrics' world (None: the default world)
+    toy_metrics: str | None = None  # a toy metrics classifier folder (None: the world's shipped one)
     style: str | None = None  # toy rendering style for style_score (None: not measured)
     style_classifier: str | None = None  # its classifier folder (None: built for style_vae, cached)
     style_vae: str | None = None  # VAE whose round trips the classifier learns ("toy" or a VAE folder)
@@ -414,7 +415,7 @@ def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
             notices.append(str(why))
 
     if spec.toy:
-        attempt(lambda: ToyWorldMetrics(world=spec.toy_world))
+        attempt(lambda: ToyWorldMetrics(world=spec.toy_world, path=spec.toy_metrics))
     if spec.style:
         attempt(lambda: ToyStyleScore(spec.style, spec.style_classifier, spec.style_vae))
     if spec.fid:

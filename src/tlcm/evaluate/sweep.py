@@ -138,7 +138,7 @@ class ReferenceSpec:
     scheduler: str = "dpmpp"
     steps: int = 25
     guidance: float = 7.5
-    data: str | None = None  # "toy" renders the prompts; a folder holds real images; None: no data FID
+    data: str | None = None  # "toy[:WORLD[:STYLE]]" renders the prompts; a folder holds real images; None: no data FID
 
 
 @dataclass
@@ -355,11 +355,13 @@ def load_image_folder(folder: str | Path, n: int, size: tuple[int, int] | None =
 def build_reference(cfg: SweepConfig, out: Path, log) -> Reference:
     ref = Reference(prompts=list(cfg.prompts))
     rs = cfg.reference
-    if rs.data == "toy" or (rs.data or "").startswith("toy:"):  # "toy:v4": real images rendered for the prompts
+    if rs.data == "toy" or (rs.data or "").startswith("toy:"):  # "toy:v4[:STYLE]": images rendered for the prompts
         from tlcm.toy.worlds import get_world
 
-        world = get_world(rs.data.partition(":")[2] or None)
-        ref.data_images = world.render_prompts(cfg.prompts, seed=cfg.seeds[0] if cfg.seeds else 0)
+        name, _, style = rs.data.partition(":")[2].partition(":")
+        world = get_world(name or None)
+        ref.data_images = world.render_prompts(cfg.prompts, seed=cfg.seeds[0] if cfg.seeds else 0,
+                                               **({"style": style} if style else {}))
     elif rs.data:
         size = (cfg.width, cfg.height) if cfg.width and cfg.height else None
         ref.data_images = load_image_folder(rs.data, len(cfg.prompts), size)
