@@ -1,8 +1,8 @@
 """Assemble ``benchmarks/RESULTS.md`` from the per-area files in ``benchmarks/results/``.
 
-Each benchmark script writes its own file (``toy.md``, ``synthesize.md``, ``distill.md``, ``evaluate.md``), with the
-command, machine and date beside every number; this script only concatenates them, in pipeline order, so no number
-is ever typed by hand into RESULTS.md.
+Each benchmark script writes its own file (``toy.md``, ``synthesize.md``, ``distill.md``, ``evaluate.md``,
+``transfer.md``, ``negative_prompt.md``), with the command, machine and date beside every number; this script only
+concatenates them, in pipeline order, so no number is ever typed by hand into RESULTS.md.
 
     python benchmarks/collect_results.py
 """
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["toy", "synthesize", "distill", "evaluate"]
+ORDER = ["toy", "synthesize", "distill", "evaluate", "transfer", "negative_prompt"]
 HEADER = """# Benchmark results
 
 Every table below was produced by a script in `benchmarks/`; each section names the exact command, the machine and

@@ -251,3 +251,28 @@ def save_tiny_pipeline(kind: str, path: str | Path, seed: int = 0, **kwargs) -> 
     pipe = builders[kind](seed, **kwargs)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return Path(path)
+
+
+def save_tiny_toy_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """A random, untrained scenes-world (v4) toy pipeline folder: 48 px, an f = 4 VAE, the MiniLM text encoder and
+    tokenizer (40 tokens) and ``tlcm_toy.json``, so everything that accepts a toy pipeline folder (a `tlcm toy build`
+    teacher, a `tlcm toy finetune` output) can be tested in seconds."""
+    from diffusers import AutoencoderKL
+
+    from tlcm.toy import MARKER, common, scenes
+    from tlcm.toy.teacher import TeacherConfig, build_unet
+
+    path = Path(path)
+    parts = Path(tempfile.mkdtemp(prefix=".tiny-toy-parts."))
+    torch.manual_seed(seed)
+    build_unet(TeacherConfig(resolution=scenes.RESOLUTION, block_out_channels=(32, 32))).save_pretrained(parts / "unet")
+    AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=32,
+                  sample_size=scenes.RESOLUTION).save_pretrained(parts / "vae")
+    common.write_tokenizer(parts / "tokenizer", scenes.TEXT_MAX_LENGTH)
+    common.assemble_pipeline(path, parts / "unet", parts / "vae", tokenizer_dir=parts / "tokenizer")
+    common.write_json(path / MARKER, {"world": "v4"})
+    import shutil
+
+    shutil.rmtree(parts, ignore_errors=True)
+    return path

@@ -16,8 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), help="a preset; explicit options override it "
                    "(default: toy when --model toy)")
     p.add_argument("--model", help="base pipeline: hub id (cached), pipeline folder, or 'toy'")
-    p.add_argument("--lora", action="append", metavar="NAME=PATH[@W]",
-                   help="a distilled model: `tlcm distill` output folder or .safetensors (repeatable)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH[@W][+PATH2[@W2]]",
+                   help="a distilled model: `tlcm distill` output folder or .safetensors (repeatable); '+' stacks "
+                   "LoRAs on one model, e.g. accel_style=runs/lcm+style.safetensors@0.8 (the first one supplies "
+                   "the scheduler)")
     g = p.add_argument_group("grid")
     g.add_argument("--schedulers", help="teacher schedulers: ddim,dpmpp,euler,lcm,tcd[:GAMMA] (default ddim,dpmpp,"
                    "euler)")
@@ -55,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--clip-model", help="CLIPModel folder or cached hub id for CLIP score")
     r.add_argument("--aesthetic-weights", help="LAION aesthetic predictor .pth (e.g. sac+logos+ava1-l14-linearMSE)")
     r.add_argument("--aesthetic-clip", help="CLIP for the aesthetic predictor (default: ViT-L/14 or --clip-model)")
+    r.add_argument("--style", help="toy world: also report style_score, the share of images read as drawn in this "
+                   "rendering style (e.g. shadow, for `tlcm toy finetune` models)")
+    r.add_argument("--style-classifier", help="its classifier (`tlcm toy train-style` folder; default: built once "
+                   "for the model's VAE, cached)")
     rt = p.add_argument_group("runtime")
     rt.add_argument("--height", type=int)
     rt.add_argument("--width", type=int)

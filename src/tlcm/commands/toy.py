@@ -71,6 +71,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="VAE for the round-trip augmentation: toy (default), a folder, or '' for none")
     _common_train_args(p)
 
+    p = sub.add_parser("finetune", help="teach the v4 toy teacher a rendering style its captions never name: a full "
+                       "fine-tune (pipeline folder) and a style LoRA (diffusers file), with style score and alignment")
+    p.add_argument("--out", required=True, help="output folder (full/pipeline, lora/pytorch_lora_weights.safetensors, "
+                   "report.json, samples.png)")
+    p.add_argument("--teacher", help="toy (default) or a v4 toy pipeline folder")
+    p.add_argument("--style", help="rendering style (default shadow)")
+    p.add_argument("--mode", choices=["full", "lora", "both"], help="what to train (default both)")
+    p.add_argument("--images", type=int, help="styled training images (default 4000)")
+    p.add_argument("--lora-rank", type=int, dest="lora_rank", help="style LoRA rank (default 8, alpha = rank)")
+    p.add_argument("--lora-lr", type=float, dest="lora_lr", help="style LoRA learning rate (default 1e-3)")
+    p.add_argument("--eval-prompts", type=int, dest="eval_prompts", help="prompts of the final evaluation (default "
+                   "64; 0: none)")
+    p.add_argument("--eval-steps", type=int, dest="eval_steps", help="DDIM steps of the final evaluation (default 50)")
+    p.add_argument("--style-classifier", dest="style_classifier", help="a `tlcm toy train-style` folder (default: "
+                   "built once for the teacher's VAE, cached)")
+    p.add_argument("--metrics", help="metrics classifier folder for alignment (default: the shipped v4 one)")
+    _common_train_args(p)
+
+    p = sub.add_parser("train-style", help="train the style classifier behind the style score (plain vs styled "
+                       "scenes, with VAE round trips; never a training loss)")
+    p.add_argument("--out", required=True, help="output folder (style.safetensors, config.json, report.json)")
+    p.add_argument("--style", help="rendering style (default shadow)")
+    p.add_argument("--vae", help="VAE for the round-trip augmentation: toy (default: the shipped v4 teacher's), a "
+                   "folder (e.g. PIPELINE/vae), or '' for none")
+    _common_train_args(p)
+
     p = sub.add_parser("evaluate", help="alignment and toy-FID of a teacher pipeline folder")
     p.add_argument("--teacher", help="pipeline folder (default: the shipped toy teacher of --world)")
     p.add_argument("--metrics", help="classifier folder (default: the shipped one of the teacher's world)")
@@ -153,6 +179,22 @@ def run(args) -> int:
         extra = {k: getattr(args, k) for k in ("world", "train_images", "vae") if getattr(args, k) is not None}
         cfg = common.load_config(RewardConfig, args.config, {**extra, **_overrides(args)})
         _print(train_reward(cfg, args.out, progress))
+        return 0
+    if cmd == "finetune":
+        from tlcm.toy.finetune import FinetuneConfig, finetune
+
+        keys = ("teacher", "style", "mode", "images", "lora_rank", "lora_lr", "eval_prompts", "eval_steps",
+                "style_classifier", "metrics")
+        extra = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        cfg = common.load_config(FinetuneConfig, args.config, {**extra, **_overrides(args)})
+        _print(finetune(cfg, args.out, progress))
+        return 0
+    if cmd == "train-style":
+        from tlcm.toy.style import StyleConfig, train_style_classifier
+
+        extra = {k: getattr(args, k) for k in ("style", "vae") if getattr(args, k) is not None}
+        cfg = common.load_config(StyleConfig, args.config, {**extra, **_overrides(args)})
+        _print(train_style_classifier(cfg, args.out, progress))
         return 0
     if cmd == "evaluate":
         from tlcm.toy import teacher_path, world_of_model

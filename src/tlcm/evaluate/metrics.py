@@ -17,6 +17,8 @@ Plugins and what they report:
   versions carry an ``inception_`` prefix.
 - :class:`ClipScore`: ``clip_score``, ``100 * max(cos(image, text), 0)`` averaged (the torchmetrics convention, the
   one papers report), with any transformers ``CLIPModel`` from a local folder or an already-cached hub id.
+- :class:`ToyStyleScore` (toy world, ``--style NAME``): ``style_score``, the fraction of images the toy style classifier
+  (:mod:`tlcm.toy.style`) reads as drawn in a fine-tune's rendering style.
 - :class:`AestheticScore`: ``aesthetic``, the LAION aesthetic predictor (an MLP over L2-normalised CLIP image
   embeddings; ``sac+logos+ava1-l14-linearMSE.pth`` with CLIP ViT-L/14) when its weights are given.
 
@@ -191,7 +193,8 @@ class ToyWorldMetrics(FeatureFID):
     name = "toy"
     prefix = "toy_fid"
 
-    def __init__(self, toy_metrics=None, recall: bool = True, diversity: bool = True, world: str | None = None):
+    def __init__(self, toy_metrics=None, recall: bool = True, diversity: bool = True, world: str | None = None,
+                 path: str | None = None):
         super().__init__(recall, diversity)
         if toy_metrics is None:
             try:
@@ -200,7 +203,7 @@ class ToyWorldMetrics(FeatureFID):
                 raise MetricUnavailable("toy metrics skipped: tlcm.toy.metrics is not available in this install") \
                     from err
             try:
-                toy_metrics = ToyMetrics.load(world=world)
+                toy_metrics = ToyMetrics.load(path, world=world)
             except TLCMError as err:
                 raise MetricUnavailable(f"toy metrics skipped: {err.problem}") from err
         self.toy = toy_metrics
@@ -237,6 +240,31 @@ class ToyWorldMetrics(FeatureFID):
         else:
             out["alignment"] = float(align)
         return out
+
+
+class ToyStyleScore(Metric):
+    """``style_score``: the fraction of a cell's images that the toy style classifier reads as drawn in ``style``
+    (a rendering style of the scenes world, see :mod:`tlcm.toy.finetune`). Its own classifier, never a training loss.
+    ``classifier``: a ``tlcm toy train-style`` folder; else the one built (once, cached) with ``vae``'s round trips."""
+
+    name = "style"
+    names = ("style_score",)
+
+    def __init__(self, style: str, classifier: str | None = None, vae: str | None = None):
+        try:
+            from tlcm.toy.style import load_style_score
+        except ImportError as err:
+            raise MetricUnavailable("style score skipped: tlcm.toy.style is not available in this install") from err
+        try:
+            self.scorer = load_style_score(classifier, style=style, vae=vae or "toy")
+        except TLCMError as err:
+            raise MetricUnavailable(f"style score skipped: {err.problem} ({err.fix})") from err
+        if self.scorer.style != style:
+            raise TLCMError(f"the style classifier in {classifier} scores {self.scorer.style!r}, not {style!r}",
+                            "pass the classifier of that style, or --style with its name")
+
+    def compute(self, images, prompts):
+        return {"style_score": self.scorer.score(to_tensor(images))}
 
 
 # --- Inception FID ---------------------------------------------------------------------------------------------------
@@ -446,6 +474,10 @@ class MetricSpec:
     device: str = "cpu"
     recall: bool = True  # k-NN precision/recall of the feature metrics (toy classifier, Inception)
     diversity: tuple[int, int] | None = None  # (K prompts, S seeds): per-prompt diversity of the feature metrics
+    toy_metrics: str | None = None  # a toy metrics classifier folder (None: the world's shipped one)
+    style: str | None = None  # toy rendering style for style_score (None: not measured)
+    style_classifier: str | None = None  # its classifier folder (None: built for style_vae, cached)
+    style_vae: str | None = None  # VAE whose round trips the classifier learns ("toy" or a VAE folder)
 
 
 def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
@@ -464,7 +496,10 @@ def build_metrics(spec: MetricSpec) -> tuple[list[Metric], list[str]]:
 
     div = bool(spec.diversity)
     if spec.toy:
-        attempt(lambda: ToyWorldMetrics(recall=spec.recall, diversity=div, world=spec.toy_world))
+        attempt(lambda: ToyWorldMetrics(recall=spec.recall, diversity=div, world=spec.toy_world,
+                                        path=spec.toy_metrics))
+    if spec.style:
+        attempt(lambda: ToyStyleScore(spec.style, spec.style_classifier, spec.style_vae))
     if spec.fid:
         attempt(lambda: InceptionFID(spec.inception_weights, spec.device, recall=spec.recall, diversity=div))
     clip_pair = None

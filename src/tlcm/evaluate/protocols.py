@@ -115,18 +115,53 @@ def parse_diversity(text) -> tuple[int, int] | None:
 
 
 def parse_lora(text: str) -> tuple[str, str, float]:
-    """``NAME=PATH`` or ``NAME=PATH@WEIGHT`` -> (name, path, weight)."""
+    """``NAME=PATH`` or ``NAME=PATH@WEIGHT`` -> (name, path, weight) (of the first LoRA of a ``+`` list)."""
+    name, loras = parse_lora_stack(text)
+    return name, *loras[0]
+
+
+def parse_lora_stack(text: str) -> tuple[str, list[tuple[str, float]]]:
+    """``NAME=PATH[@W][+PATH2[@W2]...]`` -> (name, [(path, weight), ...]): a model that is the base with several
+    LoRAs at once, e.g. ``accel_style=runs/lcm+style.safetensors@0.8`` (the first one, usually the distilled
+    student, supplies the scheduler and sampling defaults)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise TLCMError(f"bad --lora {text!r}", "write --lora NAME=PATH (or NAME=PATH@WEIGHT)")
-    path, weight = rest, 1.0
-    if "@" in rest:
-        path, _, w = rest.rpartition("@")
-        try:
-            weight = float(w)
-        except ValueError as err:
-            raise TLCMError(f"bad LoRA weight in {text!r}", "write NAME=PATH@0.8") from err
-    return name, path, weight
+        raise TLCMError(f"bad --lora {text!r}", "write --lora NAME=PATH (or NAME=PATH@WEIGHT, or NAME=A@1+B@0.8)")
+    loras = []
+    for part in rest.split("+"):
+        path, weight = part, 1.0
+        if "@" in part:
+            path, _, w = part.rpartition("@")
+            try:
+                weight = float(w)
+            except ValueError as err:
+                raise TLCMError(f"bad LoRA weight in {text!r}", "write NAME=PATH@0.8 (or NAME=A@1+B@0.8)") from err
+        if not path:
+            raise TLCMError(f"empty LoRA path in {text!r}", "write NAME=PATH[@W][+PATH2[@W2]]")
+        loras.append((path, weight))
+    return name, loras
+
+
+def _style_vae(base: str, world: str | None) -> str:
+    """The VAE the style classifier must read through: the base pipeline folder's own, else the shipped toy one."""
+    from pathlib import Path
+
+    folder = Path(str(base)).expanduser() / "vae"
+    return str(folder) if (folder / "config.json").is_file() else "toy"
+
+
+def toy_world_of(model: str | None) -> str | None:
+    """The toy world of a base model: ``toy`` names, and pipeline folders that carry ``tlcm_toy.json`` (toy builds
+    and their fine-tunes); ``None`` for anything else."""
+    from pathlib import Path
+
+    from tlcm.toy import MARKER, is_toy_name, world_of_model
+
+    if model is None:
+        return None
+    if is_toy_name(model) or (Path(str(model)).expanduser() / MARKER).is_file():
+        return world_of_model(str(Path(str(model)).expanduser()) if not is_toy_name(model) else model)
+    return None
 
 
 def config_from_options(
@@ -166,27 +201,31 @@ def config_from_options(
     baselines: bool | None = None,
     diversity=None,
     no_diversity: bool = False,
+    style: str | None = None,
+    style_classifier: str | None = None,
     **_ignored,
 ) -> SweepConfig:
     """Resolve a protocol plus explicit options (explicit wins) into a sweep configuration.
 
     ``baselines``: add the undistilled teacher with each student's sampler (default: the protocol's choice, on for
     ``toy``). ``diversity``: ``KxS`` for per-prompt diversity (default: the protocol's, ``32x4`` for ``toy``);
-    ``no_diversity`` turns it off.
+    ``no_diversity`` turns it off. ``style``: a toy rendering style whose ``style_score`` is measured.
     """
-    from tlcm.toy import is_toy_name
-
-    proto = get_protocol(protocol if protocol else ("toy" if is_toy_name(model) else None))
+    # a toy name or a toy pipeline folder (e.g. a `tlcm toy finetune` output) implies the toy protocol
+    proto = get_protocol(protocol if protocol else ("toy" if toy_world_of(model) else None))
     base = model or (proto.base if proto else None)
     if not base:
         raise TLCMError("no model to evaluate", "pass --model (a hub id, a pipeline folder or 'toy') or --protocol")
-    toy_world = is_toy_name(base) or bool(proto and proto.toy)
-    world = None
+    world = toy_world_of(base)
+    toy_world = world is not None or bool(proto and proto.toy)
+    if style and not toy_world:
+        raise TLCMError(f"--style {style} scores a toy rendering style, but {base!r} is not a toy model",
+                        "use --style with --model toy or a toy pipeline folder (e.g. a `tlcm toy finetune` output)")
+    world_mod = None
     if toy_world:
-        from tlcm.toy import world_of_model
         from tlcm.toy.worlds import get_world
 
-        world = get_world(world_of_model(base))  # toy, toy-v3, toy-v4, or a toy pipeline folder
+        world_mod = get_world(world)  # toy, toy-v3, toy-v4, or a toy pipeline folder (None: the default world)
 
     # prompts and seeds
     count = num_prompts if num_prompts is not None else (proto.num_prompts if proto else None)
@@ -194,7 +233,7 @@ def config_from_options(
     if prompts:
         prompt_list = take(read_prompts(prompts, prompt_column), count, prompts)
     elif toy_world:
-        prompt_list = world.prompts(count or 256, seed=seed0, split=toy_split)
+        prompt_list = world_mod.prompts(count or 256, seed=seed0, split=toy_split)
     elif proto and proto.needs_prompt_file:
         raise TLCMError(f"protocol {proto.name!r} needs its prompt file", "; ".join(proto.notes))
     else:
@@ -214,13 +253,14 @@ def config_from_options(
         models.append(ModelSpec("teacher", base, schedulers=t_sched, steps=t_steps, guidance=t_guid))
     students: list[ModelSpec] = []
     for item in lora or []:
-        name, path, weight = parse_lora(item)
+        name, stack = parse_lora_stack(item)
+        (path, weight), extra = stack[0], stack[1:]
         sg = parse_list(student_guidance, float, "student-guidance")
         if sg is None:
             saved = sampling_defaults(path).get("guidance_scale")
             sg = [float(saved)] if saved is not None else list(proto.student_guidance if proto else (1.0,))
         students.append(ModelSpec(name, base, lora=path, lora_weight=weight, schedulers=s_sched, steps=st,
-                                  guidance=sg))
+                                  guidance=sg, extra_loras=extra))
     use_baselines = baselines if baselines is not None else bool(proto and proto.baselines)
     if use_baselines and students:
         from tlcm.evaluate.baselines import baseline_models
@@ -250,7 +290,7 @@ def config_from_options(
             models.insert(0, ModelSpec("teacher", base, schedulers=[], steps=[], guidance=[]))
     metric_spec = MetricSpec(
         toy=toy_world,
-        toy_world=world.VERSION if world else None,
+        toy_world=world_mod.VERSION if world_mod else None,
         fid=not toy_world or inception_weights is not None,
         inception_weights=inception_weights,
         clip_model=clip_model or (proto.clip_model if proto else None),
@@ -259,6 +299,9 @@ def config_from_options(
         device=device,
         diversity=None if no_diversity else (parse_diversity(diversity) if diversity is not None
                                              else (proto.diversity if proto else None)),
+        style=style,
+        style_classifier=style_classifier,
+        style_vae=_style_vae(base, world) if style else None,
     )
     return SweepConfig(
         models=models,

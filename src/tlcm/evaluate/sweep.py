@@ -98,7 +98,9 @@ class ModelSpec:
     ``role``: ``teacher`` (the base model with its own solvers), ``baseline`` (the undistilled base model sampled with
     a student's scheduler: training-free, see :mod:`tlcm.evaluate.baselines`) or ``student`` (a LoRA or distilled
     UNet); default ``student`` with a LoRA, else ``teacher``. ``scheduler_from``: the folder whose
-    ``scheduler/scheduler_config.json`` the ``tlcm`` scheduler loads (default: the LoRA folder).
+    ``scheduler/scheduler_config.json`` the ``tlcm`` scheduler loads (default: the LoRA folder). ``extra_loras``:
+    further ``(path, weight)`` LoRAs loaded next to ``lora`` (e.g. a style LoRA beside an acceleration LoRA); ``lora``
+    supplies the scheduler and defaults.
     """
 
     name: str
@@ -111,6 +113,7 @@ class ModelSpec:
     role: str | None = None
     scheduler_from: str | None = None
     baseline_of: list[str] = field(default_factory=list)  # for a baseline: the students whose sampler it uses
+    extra_loras: list[tuple[str, float]] = field(default_factory=list)
 
     def __post_init__(self):
         self.schedulers = [s if isinstance(s, SchedulerSpec) else SchedulerSpec.parse(s) for s in self.schedulers]
@@ -166,8 +169,9 @@ class ReferenceSpec:
     scheduler: str = "dpmpp"
     steps: int = 25
     guidance: float = 7.5
-    # "toy": a scene drawn for each prompt; "toy-records:SPLIT:SEED": the toy world's records whose captions the prompts
-    # are (exact conditional samples); a folder holds real images; None: no data FID
+    # "toy": a scene drawn for each prompt; "toy:WORLD[:STYLE]": the same in a world / rendering style;
+    # "toy-records:SPLIT:SEED": the toy world's records whose captions the prompts are (exact conditional samples);
+    # a folder holds real images; None: no data FID
     data: str | None = None
 
 
@@ -322,13 +326,14 @@ def load_model(spec: ModelSpec, device: str, dtype: str):
 
     pipe = load_pipeline(spec.base, device=device, dtype=dtype)
     if spec.lora:
-        path = Path(spec.lora).expanduser()
-        if not path.exists():
-            raise TLCMError(f"LoRA {spec.lora!r} for model {spec.name!r} does not exist",
-                            "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
+        loras = [(spec.lora, spec.lora_weight), *spec.extra_loras]
+        for lora, _ in loras:
+            if not Path(lora).expanduser().exists():
+                raise TLCMError(f"LoRA {lora!r} for model {spec.name!r} does not exist",
+                                "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
         from tlcm.lora import load_loras
 
-        load_loras(pipe, [(str(path), spec.lora_weight)])
+        load_loras(pipe, [(str(Path(p).expanduser()), w) for p, w in loras])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -476,7 +481,8 @@ class PipelineCache:
         self.warmed = False
 
     def get(self, spec: ModelSpec):
-        key = (spec.base, str(Path(spec.lora).expanduser()) if spec.lora else None, float(spec.lora_weight))
+        key = (spec.base, str(Path(spec.lora).expanduser()) if spec.lora else None, float(spec.lora_weight),
+               tuple((str(Path(p).expanduser()), float(w)) for p, w in spec.extra_loras))
         if key != self.key:
             self.close()
             self.pipe = load_model(spec, self.cfg.device, self.cfg.dtype)
@@ -511,9 +517,14 @@ def _reference_images(cfg: SweepConfig, pipes: PipelineCache, spec: ModelSpec, s
 def toy_data_images(spec: str, prompts: list[str], world: str | None, seed: int = 0, log=print) -> list:
     """Real toy-world images for ``prompts``: the records ``toy-records:SPLIT:SEED`` names when their captions are
     exactly the prompts (exact samples of the world's conditional distribution), else a scene drawn for each prompt
-    (``render_prompts``: named attributes as claimed, free ones at random)."""
+    (``render_prompts``: named attributes as claimed, free ones at random); ``toy:WORLD:STYLE`` draws them in a
+    fine-tune's rendering style (e.g. ``toy:v4:shadow``)."""
     from tlcm.toy.worlds import get_world
 
+    style = None
+    if spec.startswith("toy:"):  # "toy:v4[:STYLE]"
+        name, _, style = spec.partition(":")[2].partition(":")
+        world = name or world
     mod = get_world(world)
     if spec.startswith("toy-records:"):
         _, split, record_seed = spec.split(":")
@@ -522,14 +533,14 @@ def toy_data_images(spec: str, prompts: list[str], world: str | None, seed: int 
             return [r[0] for r in records]
         log(f"reference data: the prompts are not the {mod.NAME} world's records ({split}, seed {record_seed}); "
             "drawing a scene for each prompt instead")
-    return mod.render_prompts(prompts, seed=seed)
+    return mod.render_prompts(prompts, seed=seed, **({"style": style} if style else {}))
 
 
 def build_reference(cfg: SweepConfig, out: Path, log, pipes: PipelineCache | None = None,
                     plan: DiversityPlan | None = None) -> Reference:
     ref = Reference(prompts=list(cfg.prompts), diversity_groups=plan.groups if plan else None)
     rs = cfg.reference
-    if rs.data and rs.data.startswith("toy"):
+    if rs.data and (rs.data == "toy" or rs.data.startswith(("toy:", "toy-records:"))):
         ref.data_images = toy_data_images(rs.data, cfg.prompts, cfg.metrics.toy_world,
                                           seed=cfg.seeds[0] if cfg.seeds else 0, log=log)
     elif rs.data:
@@ -623,9 +634,10 @@ def _validate(cfg: SweepConfig) -> None:
     if len(set(names)) != len(names):
         raise TLCMError(f"model names must be unique, got {names}", "give each --lora a distinct NAME=")
     for m in cfg.models:  # fail before hours of generation, not after
-        if m.lora and not Path(m.lora).expanduser().exists():
-            raise TLCMError(f"LoRA {m.lora!r} for model {m.name!r} does not exist",
-                            "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
+        for lora in ([m.lora] if m.lora else []) + [p for p, _ in m.extra_loras]:
+            if not Path(lora).expanduser().exists():
+                raise TLCMError(f"LoRA {lora!r} for model {m.name!r} does not exist",
+                                "pass the output folder of `tlcm distill` or a .safetensors LoRA file")
     div = cfg.metrics.diversity
     if div is not None and (len(div) != 2 or int(div[0]) < 1 or int(div[1]) < 2):
         raise TLCMError(f"diversity {div} needs K >= 1 prompts and S >= 2 seeds", "pass e.g. --diversity 32x4")
@@ -714,6 +726,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 row["scheduler_from"] = spec.scheduler_from
             if spec.baseline_of:
                 row["baseline_of"] = list(spec.baseline_of)
+            if spec.extra_loras:
+                row["extra_loras"] = [[p, w] for p, w in spec.extra_loras]
             if sampling:
                 row["lora_sampling"] = sampling
             for m in metrics:

@@ -80,6 +80,19 @@ STRIPE_PERIOD = 7.0
 OUTLINE_WIDTH = 1.5
 REGION_MARGIN = 2.0  # a caption names an object's region only when its centre is this far inside the cell
 
+# Rendering styles that no caption names (the fine-tune world of tlcm.toy.finetune; not the "plain"/"shaded"
+# background style, which captions do claim). ``None`` renders the default world, byte for byte.
+RENDER_STYLES = ("shadow",)
+# "shadow": each object casts a soft copy of its silhouette (its outline band if outlined) SHADOW_OFFSET pixels down
+# and to the right, blurred by SHADOW_BLUR pixels, that moves what lies below it SHADOW_DARKEN of the way to black, or
+# on the black background (where black shows nothing) SHADOW_LIGHTEN of the way to white. Soft, because hard-edged
+# shadows read as extra objects: on 400 real scenes they cost the metrics classifier 3 points of alignment (0.969 ->
+# 0.936), these ones none (0.972); through the v4 VAE (which never saw shadows) 0.946 -> 0.926.
+SHADOW_OFFSET = 3.0
+SHADOW_BLUR = 1.5
+SHADOW_DARKEN = 0.5
+SHADOW_LIGHTEN = 0.3
+
 # --- caption grammar ------------------------------------------------------------------------------------------------
 SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle", "wedge"),
                "cross": ("cross", "plus sign")}
@@ -262,6 +275,11 @@ def _jittered(rgb, jitter) -> tuple[int, int, int]:
     return tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(rgb, jitter))
 
 
+def _check_style(style: str | None) -> None:
+    if style is not None and style not in RENDER_STYLES:
+        raise TLCMError(f"unknown rendering style {style!r}", f"use one of {', '.join(RENDER_STYLES)} (or none)")
+
+
 def _background(scene: dict, size: int) -> np.ndarray:
     base = np.array(_jittered(BACKGROUNDS[scene["background"]], scene["bg_jitter"]), dtype=np.float32)
     img = np.broadcast_to(base, (size, size, 3)).copy()
@@ -277,12 +295,37 @@ def _background(scene: dict, size: int) -> np.ndarray:
     return img
 
 
-def render_scene(scene: dict, resolution: int = RESOLUTION) -> Image.Image:
-    """Draw a scene (supersampled, then box-filtered down: antialiased edges and stripes)."""
+def _cast_shadow(canvas: Image.Image, scene: dict, obj: dict, s: float) -> None:
+    """The "shadow" style (see SHADOW_OFFSET): darkens (on the black background: lightens) what is already drawn."""
+    from PIL import ImageFilter
+
+    size = canvas.size[0]
+    half = HALF_SIZE[obj["size"]] * obj["scale"] * s
+    cx, cy = (obj["x"] + SHADOW_OFFSET) * s, (obj["y"] + SHADOW_OFFSET) * s
+    pad = 2 + 3 * SHADOW_BLUR * s
+    x0, y0 = int(max(0, math.floor(cx - half - pad))), int(max(0, math.floor(cy - half - pad)))
+    x1, y1 = int(min(size, math.ceil(cx + half + pad))), int(min(size, math.ceil(cy + half + pad)))
+    outline = OUTLINE_WIDTH * s if obj["pattern"] == "outlined" else 0.0
+    mask = _shape_mask(obj["shape"], cx - x0, cy - y0, half, (x1 - x0, y1 - y0), outline)
+    mask = mask.filter(ImageFilter.GaussianBlur(SHADOW_BLUR * s))
+    below = np.asarray(canvas.crop((x0, y0, x1, y1)), dtype=np.float32)
+    if scene["background"] == "black":
+        fill = below + SHADOW_LIGHTEN * (255.0 - below)
+    else:
+        fill = below * (1 - SHADOW_DARKEN)
+    canvas.paste(Image.fromarray(fill.round().astype(np.uint8)), (x0, y0), mask)
+
+
+def render_scene(scene: dict, resolution: int = RESOLUTION, style: str | None = None) -> Image.Image:
+    """Draw a scene (supersampled, then box-filtered down: antialiased edges and stripes), in a rendering ``style``
+    of :data:`RENDER_STYLES` if given (default: the world's own look)."""
+    _check_style(style)
     size = SUPERSAMPLE * resolution
     s = size / RESOLUTION  # drawing units per 48-grid pixel
     canvas = Image.fromarray(_background(scene, size).round().astype(np.uint8))
     for obj in scene["objects"]:
+        if style == "shadow":
+            _cast_shadow(canvas, scene, obj, s)
         half = HALF_SIZE[obj["size"]] * obj["scale"] * s
         # work in the object's bounding box only
         x0, y0 = int(max(0, math.floor(obj["x"] * s - half - 2))), int(max(0, math.floor(obj["y"] * s - half - 2)))
@@ -520,21 +563,25 @@ def record_metadata(scene: dict) -> dict:
     return {"scene": scene}
 
 
-def iter_records(seed: int, split: str = "train", start: int = 0) -> Iterator[tuple[Image.Image, str, dict]]:
-    """Unlimited stream of ``(image, caption, scene)``; record ``i`` depends only on ``(seed, split, i)``."""
+def iter_records(seed: int, split: str = "train", start: int = 0,
+                 style: str | None = None) -> Iterator[tuple[Image.Image, str, dict]]:
+    """Unlimited stream of ``(image, caption, scene)``; record ``i`` depends only on ``(seed, split, i)``. A rendering
+    ``style`` changes only the pixels: scenes and captions are those of the default world."""
     _check_split(split)
+    _check_style(style)
     i = start
     while True:
         scene, text, _ = record(seed, split, i)
-        yield render_scene(scene), text, scene
+        yield render_scene(scene, style=style), text, scene
         i += 1
 
 
-def sample_records(n: int, seed: int = 0, split: str = "train") -> list[tuple[Image.Image, str, dict]]:
+def sample_records(n: int, seed: int = 0, split: str = "train",
+                   style: str | None = None) -> list[tuple[Image.Image, str, dict]]:
     """``n`` records ``(PIL image, caption, scene)`` of ``split``, deterministic in ``seed``."""
     if n < 0:
         raise TLCMError(f"cannot draw {n} records", "ask for n >= 0")
-    it = iter_records(seed, split)
+    it = iter_records(seed, split, style=style)
     return [next(it) for _ in range(n)]
 
 
@@ -584,10 +631,12 @@ def scene_for_claims(claims: dict, rng: np.random.Generator) -> dict:
     return scene
 
 
-def render_prompts(prompt_list: Sequence[str], seed: int = 0, resolution: int = RESOLUTION) -> list[Image.Image]:
+def render_prompts(prompt_list: Sequence[str], seed: int = 0, resolution: int = RESOLUTION,
+                   style: str | None = None) -> list[Image.Image]:
     """Real images for prompts: each prompt is parsed and a scene satisfying it is drawn (free attributes random)."""
+    _check_style(style)
     images = []
     for i, p in enumerate(prompt_list):
         rng = np.random.default_rng([int(seed), 7, i])
-        images.append(render_scene(scene_for_claims(parse_prompt(p), rng), resolution))
+        images.append(render_scene(scene_for_claims(parse_prompt(p), rng), resolution, style=style))
     return images

@@ -114,10 +114,92 @@ def _snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return a / (1 - a)
 
 
+def encode_training_set(images: np.ndarray, captions: list[str], vae, max_length: int, progress: bool = False,
+                        tokenizer=None, encoder=None) -> dict:
+    """Everything the denoising step reads, computed once: VAE posterior mean/std per image (float16), MiniLM states
+    per unique caption, each image's caption index, the empty prompt's states (caption dropout), truncation count.
+    ``tokenizer``/``encoder``: a pipeline's own (default: MiniLM loaded with ``max_length``)."""
+    if tokenizer is None or encoder is None:
+        tokenizer, encoder = load_text_encoder(max_length)
+    lengths = [len(ids) for ids in tokenizer(captions).input_ids]
+    uniq = sorted(set(captions))
+    index = {c: i for i, c in enumerate(uniq)}
+    states = encode_text(uniq, tokenizer, encoder, progress=progress).half()
+    empty = encode_text([""], tokenizer, encoder)[0].half()
+    mean, std = encode_latents(vae, images, progress=progress)
+    return {
+        "mean": mean,
+        "std": std,
+        "states": states,
+        "caption_index": torch.tensor([index[c] for c in captions]),
+        "empty": empty,
+        "truncated": torch.tensor(sum(n > max_length for n in lengths)),
+    }
+
+
+def make_train_step(unet, enc: dict, cfg, rng: np.random.Generator, scaling: float, opt, sched, ema=None):
+    """The denoising training step that the teacher and its fine-tunes share: ``step_fn(step) -> loss``.
+
+    ``cfg`` supplies ``batch_size``, ``caption_dropout``, ``noise_offset``, ``snr_gamma`` and ``ema_decay``; ``unet``
+    may carry a LoRA (then only its trainable parameters change). Randomness: batch indices, dropout and times from
+    ``rng``, noise from torch's global generator (both restored by the toy checkpoints)."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(common.SD_SCHEDULER_CONFIG)
+    acp = noise_sched.alphas_cumprod.float()
+    n = len(enc["mean"])
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def train_step(step: int) -> float:
+        # a batch: fresh posterior sample, SD scaling, caption dropout to the empty prompt's states
+        idx = torch.from_numpy(rng.integers(0, n, cfg.batch_size))
+        mean, std = enc["mean"][idx].float(), enc["std"][idx].float()
+        x0 = (mean + std * torch.randn_like(mean)) * scaling
+        cond = enc["states"][enc["caption_index"][idx]].float()
+        drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
+        cond[drop] = enc["empty"].float()
+        # forward diffusion at a uniform timestep, epsilon prediction, min-SNR weighted MSE
+        t = torch.from_numpy(rng.integers(0, 1000, cfg.batch_size))
+        noise = torch.randn_like(x0)
+        if cfg.noise_offset:
+            # Offset noise (as diffusers' train_text_to_image --noise_offset): SD's schedule keeps ~7 % of the signal
+            # at t=999, and on an 8x8 latent the image mean is barely hidden by the noise's own mean, so without
+            # this the model reads the background from the noise and ignores the prompt's background colour.
+            noise = noise + cfg.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1)
+        zt = noise_sched.add_noise(x0, noise, t)
+        eps = unet(zt, t, cond).sample
+        snr = _snr(acp, t)
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr if cfg.snr_gamma else torch.ones_like(snr)
+        loss = (weight * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        # EMA (decay warmed up so early averages are not dominated by the random init)
+        if ema is not None:
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        return loss.item()
+
+    return train_step
+
+
+def warmup_cosine(warmup_steps: int, steps: int):
+    """LR multiplier: linear warm-up, then cosine decay to 0 at ``steps``."""
+
+    def lr_lambda(s: int) -> float:
+        return min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+
+    return lr_lambda
+
+
 def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train the toy teacher; writes ``out_dir/unet`` (EMA weights), ``out_dir/pipeline`` (a complete
     StableDiffusionPipeline folder), ``report.json`` and ``samples.png``. Resumable from ``checkpoint.pt``."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     out = Path(out_dir)
     if (out / "report.json").is_file() and (out / "pipeline" / "model_index.json").is_file():
@@ -141,21 +223,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
         images, captions = common.load_image_arrays(
             cfg.data, cfg.resolution, cache=out / "images.npz", limit=cfg.max_images or None
         )
-        tokenizer, encoder = load_text_encoder(cfg.max_length)
-        lengths = [len(ids) for ids in tokenizer(captions).input_ids]
-        uniq = sorted(set(captions))
-        index = {c: i for i, c in enumerate(uniq)}
-        states = encode_text(uniq, tokenizer, encoder, progress=progress).half()
-        empty = encode_text([""], tokenizer, encoder)[0].half()
-        mean, std = encode_latents(vae, images, progress=progress)
-        enc = {
-            "mean": mean,
-            "std": std,
-            "states": states,
-            "caption_index": torch.tensor([index[c] for c in captions]),
-            "empty": empty,
-            "truncated": torch.tensor(sum(n > cfg.max_length for n in lengths)),
-        }
+        enc = encode_training_set(images, captions, vae, cfg.max_length, progress=progress)
         common.atomic_torch_save(enc, cache)
     prep_seconds = clock.seconds
     n = len(enc["mean"])
@@ -165,50 +233,13 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     unet = build_unet(cfg, latent_channels=enc["mean"].shape[1])
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_lambda(s: int) -> float:  # linear warmup, cosine decay
-        return min(1.0, (s + 1) / max(1, cfg.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    noise_sched = DDPMScheduler.from_config(common.SD_SCHEDULER_CONFIG)
-    acp = noise_sched.alphas_cumprod.float()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
     ckpt = out / "checkpoint.pt"
     start = common.load_checkpoint(ckpt, unet=unet, ema=ema, opt=opt, sched=sched)
     rng = np.random.default_rng([cfg.seed, start])
     unet.train()
-
-    def train_step(step: int) -> float:
-        # 3. a batch: fresh posterior sample, SD scaling, caption dropout to the empty prompt's states
-        idx = torch.from_numpy(rng.integers(0, n, cfg.batch_size))
-        mean, std = enc["mean"][idx].float(), enc["std"][idx].float()
-        x0 = (mean + std * torch.randn_like(mean)) * scaling
-        cond = enc["states"][enc["caption_index"][idx]].float()
-        drop = torch.from_numpy(rng.random(cfg.batch_size) < cfg.caption_dropout)
-        cond[drop] = enc["empty"].float()
-        # 4. forward diffusion at a uniform timestep, epsilon prediction, min-SNR weighted MSE
-        t = torch.from_numpy(rng.integers(0, 1000, cfg.batch_size))
-        noise = torch.randn_like(x0)
-        if cfg.noise_offset:
-            # Offset noise (as diffusers' train_text_to_image --noise_offset): SD's schedule keeps ~7 % of the signal
-            # at t=999, and on an 8x8 latent the image mean is barely hidden by the noise's own mean, so without
-            # this the model reads the background from the noise and ignores the prompt's background colour.
-            noise = noise + cfg.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1)
-        zt = noise_sched.add_noise(x0, noise, t)
-        eps = unet(zt, t, cond).sample
-        snr = _snr(acp, t)
-        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr if cfg.snr_gamma else torch.ones_like(snr)
-        loss = (weight * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        # 5. EMA (decay warmed up so early averages are not dominated by the random init)
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
-        return loss.item()
+    # 3-5. batches with caption dropout, min-SNR denoising loss, AdamW, EMA (make_train_step)
+    train_step = make_train_step(unet, enc, cfg, rng, scaling, opt, sched, ema=ema)
 
     history = common.run_training(
         train_step, start, cfg.steps, ckpt, cfg.checkpoint_every, "train-teacher", progress,

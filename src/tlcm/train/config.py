@@ -74,6 +74,11 @@ class DistillConfig:
     num_segments: int = 4  # mlcd / tlcm
     uncond: str = "prompt"  # prompt (the encoded negative prompt, "" by default) | zeros (diffusers' LCM scripts)
 
+    # CFG-preserving students (tlcm.train.conditioning): small teacher guidance (w_min/w_max) plus prompt dropout, so
+    # the unconditional branch is distilled too and CFG with a negative prompt works at sampling_guidance_scale > 1
+    cfg_preserving: bool = False
+    prompt_dropout: float = 0.0  # share of rows conditioned on their negative prompt instead of their prompt
+
     # TLCM stage 2
     stage2_source: str = "student"  # student (own multistep samples, the paper) | data (synthetic shard latents)
     stage2_sample_steps: int = 4
@@ -368,6 +373,18 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
             f"use 1..{cfg.num_ddim_timesteps} segments (TLCM: 4 or 8) or raise num_ddim_timesteps")
     if cfg.w_min < 0 or cfg.w_max < cfg.w_min:
         raise TLCMError(f"guidance range w in [{cfg.w_min}, {cfg.w_max}] is invalid", "need 0 <= w_min <= w_max")
+    if not 0.0 <= cfg.prompt_dropout < 1.0:
+        raise TLCMError(f"prompt_dropout={cfg.prompt_dropout} must be in [0, 1)", "use e.g. prompt_dropout=0.15")
+    if cfg.cfg_preserving:
+        if cfg.prompt_dropout <= 0:
+            raise TLCMError("cfg_preserving needs prompt_dropout > 0: without it the student never learns the "
+                            "unconditional branch that CFG subtracts", "set e.g. prompt_dropout=0.15")
+        if cfg.sampling_guidance_scale <= 1:
+            raise TLCMError(f"cfg_preserving students sample with CFG, but sampling_guidance_scale="
+                            f"{cfg.sampling_guidance_scale} turns it off", "set e.g. sampling_guidance_scale=2.5")
+        if cfg.guidance_embedding:
+            raise TLCMError("cfg_preserving and guidance_embedding exclude each other: a guidance embedding replaces "
+                            "CFG at inference", "drop one of them")
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoints_total_limit",
                 "stage2_sample_steps", "stage2_substeps", "sampling_steps", "logging_steps"):
         if getattr(cfg, key) < 1:

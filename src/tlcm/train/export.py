@@ -112,6 +112,8 @@ def model_card(cfg: DistillConfig, summary: dict, metrics: dict | None = None) -
         "",
         f"- recipe `{cfg.recipe}`; segments {cfg.num_segments if cfg.recipe != 'lcm' else 1}; "
         f"skipping grid {cfg.num_ddim_timesteps} DDIM steps; teacher CFG w ~ U[{cfg.w_min}, {cfg.w_max}] (LCM form)",
+        *([f"- CFG-preserving: prompt dropout {cfg.prompt_dropout}; sample with guidance_scale "
+           f"{cfg.sampling_guidance_scale} and, if wanted, a negative prompt"] if cfg.cfg_preserving else []),
         f"- loss {cfg.loss_type}" + (f" (c = {cfg.huber_c})" if cfg.loss_type == "huber" else "")
         + (f"; extra losses {cfg.extra_losses}" if cfg.extra_losses else ""),
         f"- student: {kind}" + (f" rank {cfg.lora_rank}, alpha {cfg.lora_alpha}, targets "
@@ -159,6 +161,8 @@ def export_output(cfg: DistillConfig, pipe, unet, networks, output_dir: Path, su
         "base_model": cfg.teacher,
         "recipe": cfg.recipe,
     }
+    if cfg.cfg_preserving:  # samplers run CFG at guidance_scale, and a negative prompt means something
+        sampling.update(cfg_preserving=True, negative_prompt=True)
     _atomic_text(output_dir / "tlcm_sampling.json", json.dumps(sampling, indent=2))
     _atomic_text(output_dir / "config.yaml", cfg.to_yaml())
     summary = {**summary, "validation_grid": str(validation_grid) if validation_grid else None}

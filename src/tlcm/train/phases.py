@@ -236,6 +236,12 @@ class StepLosses:
         noise = torch.randn(x0.shape, generator=gen).to(device)
         w = (cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(bsz, generator=gen)).to(device)
         guided = cfg.w_max > 0
+        # CFG-preserving students: prompt dropout (tlcm.train.conditioning; draws nothing when 0, so other runs are
+        # unchanged). Every network of the step sees the dropped rows: student, target, the teacher's conditional half.
+        if cfg.prompt_dropout > 0:
+            from tlcm.train.conditioning import drop_prompts
+
+            cond, _ = drop_prompts(cond, uncond, cfg.prompt_dropout, gen)
         t_cond = guidance_scale_embedding(w, self.embed_dim).to(device, self.weight_dtype) if self.embed_dim else None
         student, target = self.student_fn(cond, t_cond), self.target_fn(cond, t_cond)
         teacher = self.teacher_fn(cond, uncond, guided)
