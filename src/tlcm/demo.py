@@ -135,7 +135,11 @@ def _distill(cfg: DemoConfig, preset: str, data: Path, out: Path, steps: int, ov
     # checkpoints of a few-minute run are not worth their disk; validation images are the evaluation's job
     dcfg = resolve_config(preset, None, flags, [*overrides, f"checkpointing_steps={max(steps, 1)}",
                                                  "validation_steps=0", f"batch_size={cfg.distill_batch}"])
-    distill(dcfg, log_with=None, progress=cfg.progress)
+    # a stage killed part-way: continue from its checkpoint, or (none yet) restart it; its settings are this demo's
+    from tlcm.train.loop import latest_checkpoint
+
+    resume = "latest" if latest_checkpoint(out) is not None else None
+    distill(dcfg, log_with=None, progress=cfg.progress, resume=resume, overwrite=resume is None)
 
 
 def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):

@@ -278,3 +278,22 @@ def encode_prompts(pipe, prompts: list[str], height: int | None = None, width: i
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)})
     embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
     return Conditioning(embeds)
+
+
+def zero_conditioning(cond: Conditioning) -> Conditioning:
+    """The zeroed unconditional branch: all-zero text states (and SDXL pooled embeds), the size conditioning (SDXL
+    time ids) kept, as diffusers' SDXL pipeline builds it for ``force_zeros_for_empty_prompt``."""
+    extra = None
+    if cond.added_cond_kwargs is not None:
+        extra = {"text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
+                 "time_ids": cond.added_cond_kwargs["time_ids"]}
+    return Conditioning(torch.zeros_like(cond.encoder_hidden_states), extra)
+
+
+def zeros_for_empty_negatives(pipe, mode: str = "auto", manifest: dict | None = None) -> bool:
+    """Whether an empty negative prompt means the zeroed unconditional branch (``mode="auto"``): diffusers' rule for
+    SDXL pipelines with ``force_zeros_for_empty_prompt`` when no negative prompt is given, applied per data set as
+    the synthesizer applies it (a data set with negative prompts encodes its empty ones as ``""``)."""
+    if mode != "auto" or not is_sdxl(pipe) or not getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return False
+    return not ((manifest or {}).get("generation") or {}).get("has_negative_prompts", False)

@@ -16,7 +16,6 @@ exactly what the uninterrupted one did.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ from tlcm.losses import (
     multistep_sample,
     tlcm_loss,
 )
+from tlcm.models import zero_conditioning, zeros_for_empty_negatives
 from tlcm.train.config import DistillConfig, validate_config
 from tlcm.train.recipes import edges_of, sample_training_times, sampling_plan, stage2_source_plan
 from tlcm.train.student import EMA, Networks, build_networks, lora_state_dict
@@ -173,8 +173,9 @@ def _register_lora_hooks(accelerator, networks: Networks) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """``save_state`` into a temporary folder, then an atomic rename; keep the last ``keep`` checkpoints."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, run=None) -> Path:
+    """``save_state`` into a temporary folder, then an atomic rename; keep the last ``keep`` checkpoints.
+    ``training_state.json`` records the step, the run's identity and every file's size and checksum."""
     root = output_dir / "checkpoints"
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -185,7 +186,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps({"global_step": step}))
+        from tlcm.train.identity import write_training_state
+
+        write_training_state(tmp, step, run)  # [identity]
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in list_checkpoints(output_dir)[:-keep]:
@@ -256,8 +259,25 @@ def distill(
     resume: str | None = None,
     log_with: str | None = "tensorboard",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Run a distillation and write its output folder; return that folder. See the module docstring."""
+    """Run a distillation and write its output folder; return that folder. See the module docstring.
+
+    ``resume`` (``"latest"`` or a checkpoint folder) continues a run, ``overwrite`` discards the run the folder
+    holds; without either, a folder holding a run is refused. The folder is locked while the run writes it, and the
+    run's identity is checked against the checkpoint's on resume (:mod:`tlcm.train.identity`)."""
+    from tlcm.train.identity import open_run
+
+    validate_config(cfg, need_data=dataset_fn is None)
+    run = open_run(cfg, resume=resume, overwrite=overwrite, in_memory_data=dataset_fn is not None)
+    try:
+        return _distill(cfg, pipe, dataset_fn, run, log_with, progress)
+    finally:
+        run.close()
+
+
+def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_with: str | None,
+             progress: bool) -> Path:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -274,6 +294,7 @@ def distill(
 
         pipe = load_pipeline(cfg.teacher, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    run.check_teacher_and_data(pipe, accelerator.num_processes)  # [identity] fingerprint, shards vs teacher
     schedule = NoiseSchedule.from_config(pipe.scheduler.config)
     if schedule.num_train_timesteps != 1000:
         raise TLCMError(f"the teacher has {schedule.num_train_timesteps} training timesteps; tlcm assumes 1000",
@@ -318,23 +339,18 @@ def distill(
     batches = iter(endless_batches(dataset, cfg.batch_size))
     res = cfg.resolution or None
     encoder = PromptEncoder(pipe, res, res)
+    zero_empty = zeros_for_empty_negatives(pipe, cfg.uncond, run.manifest)
     edges = torch.from_numpy(edges_of(cfg))
 
     # 4. resume -----------------------------------------------------------------------------------------------------
     start_step = 0
-    if resume:
-        ckpt = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-        if ckpt is None or not ckpt.is_dir():
-            raise TLCMError(f"--resume {resume}: no checkpoint found under {output_dir / 'checkpoints'}",
-                            "drop --resume to start fresh, or pass a checkpoint-N folder")
-        accelerator.load_state(str(ckpt))
-        start_step = json.loads((ckpt / "training_state.json").read_text())["global_step"]
+    if run.resume_from is not None:
+        # [identity] checked, loaded, changed settings applied (learning_rate) and recorded
+        start_step = run.restore(accelerator, optimizers=[optimizer], schedulers=[lr_scheduler])
         for _ in range(start_step * cfg.gradient_accumulation_steps):  # replay the data order
             next(batches)
-        accelerator.print(f"resumed from {ckpt} at step {start_step}")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+        accelerator.print(f"resumed from {run.resume_from} at step {start_step}")
+    run.start(start_step)  # [identity] run.json (identity, status, resume history) and config.yaml
     if log_with:
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
         accelerator.init_trackers("distill", config=hparams)
@@ -347,13 +363,9 @@ def distill(
             cond = encoder.from_embeds(batch["prompt_embeds"].to(device), batch.get("pooled_prompt_embeds"))
         else:
             cond = encoder(batch["prompt"])
-        if cfg.uncond == "zeros":  # diffusers' LCM scripts: all-zero text states (and pooled embeds) as "uncond"
-            from tlcm.models import Conditioning
-
-            extra = None if cond.added_cond_kwargs is None else {
-                "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
-                "time_ids": cond.added_cond_kwargs["time_ids"]}
-            uncond = Conditioning(torch.zeros_like(cond.encoder_hidden_states), extra)
+        if cfg.uncond == "zeros" or (zero_empty and not any(batch["negative_prompt"])):
+            # diffusers' LCM scripts ("zeros"), and SDXL's force_zeros_for_empty_prompt as the synthesizer applies it
+            uncond = zero_conditioning(cond)
         else:
             uncond = encoder(batch["negative_prompt"])
         cond, uncond = cond.to(device, weight_dtype), uncond.to(device, weight_dtype)
@@ -415,8 +427,12 @@ def distill(
                     good = latest_checkpoint(output_dir)
                     raise TLCMError(
                         f"the loss became {float(loss.detach())} at step {global_step + 1}; stopped",
-                        f"last good checkpoint: {good or 'none saved yet'}; resume from it with --resume latest "
-                        "and a lower learning_rate (or mixed_precision=no)")
+                        f"last good checkpoint: {good or 'none saved yet'}; "
+                        + (f"resume from it at a lower learning rate: --resume latest --set "
+                           f"learning_rate={cfg.learning_rate / 10:g} (applied on resume)" if good else
+                           f"start again with a lower learning rate (--overwrite --set "
+                           f"learning_rate={cfg.learning_rate / 10:g})")
+                        + (" or mixed_precision=no" if cfg.mixed_precision != "no" else ""))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -440,7 +456,7 @@ def distill(
             if log_with:
                 accelerator.log(logs, step=global_step)
         if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit, run)
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
             validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
     bar.close()
@@ -462,6 +478,7 @@ def distill(
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
         export_output(cfg, pipe, raw_student, networks, output_dir, summary, validation_grid=grid)
+        run.finish(global_step)  # [identity]
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir

@@ -17,6 +17,7 @@ import torch
 
 from tlcm.errors import TLCMError
 from tlcm.train.config import LORA_TARGETS_CONV, DistillConfig
+from tlcm.train.identity import seeded_rng
 
 ADAPTER_NAME = "default"
 GUIDANCE_EMBED_DIM = 256  # LCM-Dreamshaper's time_cond_proj_dim
@@ -119,7 +120,8 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
             cfg.lora_target_modules, cfg.lora_conv = sorted(config.target_modules), False
         else:
             config = lora_config_from(cfg, unet)
-            unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+            with seeded_rng(cfg.seed, "lora-init"):  # [identity] peft's gaussian init draws from the global RNG
+                unet.add_adapter(config, adapter_name=ADAPTER_NAME)
         for name, p in unet.named_parameters():
             p.requires_grad_("lora_" in name)
         if cfg.gradient_checkpointing:
@@ -129,7 +131,8 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
     if wants_embed and not has_embed:
         from diffusers import UNet2DConditionModel
 
-        student = UNet2DConditionModel.from_config({**dict(unet.config), "time_cond_proj_dim": GUIDANCE_EMBED_DIM})
+        with seeded_rng(cfg.seed, "guidance-embedding"):  # [identity] the new cond_proj layer's init
+            student = UNet2DConditionModel.from_config({**dict(unet.config), "time_cond_proj_dim": GUIDANCE_EMBED_DIM})
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), missing
         student = student.to(torch.float32)
