@@ -42,9 +42,10 @@ RUN_FORMAT = "tlcm-run"
 RUN_FORMAT_VERSION = 1  # bump when the same identity would train other weights (loop, seeding, data order)
 
 # Keys that never change a trained weight (bookkeeping, inference defaults, where things go): free to change on
-# resume; the new value is used and recorded.
+# resume; the new value is used and recorded. ``teacher``, ``data`` and ``init_lora`` are paths: what they point at
+# is compared through the teacher fingerprint and the data and adapter digests, so a moved folder still resumes.
 FREE_ON_RESUME = (
-    "output_dir", "device", "logging_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
+    "teacher", "data", "init_lora", "output_dir", "device", "logging_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
     "validation_prompts", "validation_num_steps", "sampling_guidance_scale", "sampling_steps", "timestep_grid",
     "gradient_checkpointing", "allow_teacher_mismatch",
 )
