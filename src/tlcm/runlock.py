@@ -61,8 +61,9 @@ def describe_holder(info: dict) -> str:
     return text
 
 
-def _check_folder(folder: Path, flag: str) -> None:
+def check_output_folder(folder: str | Path, flag: str = "--out") -> None:
     """A clear error for an output path that is a file, or under a file, or not writable."""
+    folder = Path(folder).expanduser()
     for parent in [folder, *folder.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -103,7 +104,7 @@ class RunLock:
     def acquire(self) -> RunLock:
         if self.held:
             return self
-        _check_folder(self.folder, self.flag)
+        check_output_folder(self.folder, self.flag)
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(20):  # retried only when the file was replaced between open() and flock()

@@ -45,9 +45,9 @@ RUN_FORMAT_VERSION = 1  # bump when the same identity would train other weights 
 # resume; the new value is used and recorded. ``teacher``, ``data`` and ``init_lora`` are paths: what they point at
 # is compared through the teacher fingerprint and the data and adapter digests, so a moved folder still resumes.
 FREE_ON_RESUME = (
-    "teacher", "data", "init_lora", "output_dir", "device", "logging_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
-    "validation_prompts", "validation_num_steps", "sampling_guidance_scale", "sampling_steps", "timestep_grid",
-    "gradient_checkpointing", "allow_teacher_mismatch",
+    "teacher", "data", "init_lora", "output_dir", "device", "logging_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "validation_steps", "validation_prompts", "validation_num_steps",
+    "sampling_guidance_scale", "sampling_steps", "timestep_grid", "gradient_checkpointing", "allow_teacher_mismatch",
 )
 # Keys that change training from the resumed step on. The new value is applied (learning_rate: to the optimizer and
 # the LR schedule's base; max_steps: the schedule's length and the end; max_grad_norm: clipping) and recorded.
