@@ -100,7 +100,7 @@ def test_output_paths_that_are_files(tmp_path, capsys, tiny_sd15_dir, prompts5, 
         ("sample", "--model", tiny_sd15_dir, "--prompt", "x", "--out", f),
         ("encode-images", "--images", tmp_path, "--teacher", tiny_sd15_dir, "--out", f),
         ("toy", "dataset", "--out", f, "--n", "2"),
-        ("evaluate", "--out", f, "--model", tiny_sd15_dir, "--steps", "1", "--num-prompts", "2", "--no-reference"),
+        ("evaluate", "--out", f, "--model", tiny_sd15_dir, "--prompts", prompts5, "--steps", "1", "--no-reference"),
     ]
     for argv in cases:
         code, err = _run(capsys, *argv)

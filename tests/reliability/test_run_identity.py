@@ -250,3 +250,18 @@ def test_copied_checkpoint_resumes_in_another_folder(tmp_path, dataset_fn):
     _run(_cfg(part, max_steps=2), dataset_fn, resume="latest")
     a, b = _lora(full), _lora(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exported_files_follow_the_umask(tmp_path, dataset_fn):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        out = _run(_cfg(tmp_path / "run", max_steps=1), dataset_fn)
+    finally:
+        os.umask(old)
+    for name in ("adapter", "scheduler"):
+        assert (out / name).stat().st_mode & 0o777 == 0o750, name  # not mkdtemp's 0700
+    for name in ("pytorch_lora_weights.safetensors", "README.md", "tlcm_sampling.json", "config.yaml", "run.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name  # not mkstemp's 0600

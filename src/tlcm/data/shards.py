@@ -76,12 +76,15 @@ def current_umask() -> int:
     return mask
 
 
-def make_temp_dir(parent: str | Path, prefix: str) -> Path:
-    """``tempfile.mkdtemp`` (mode 0700) widened to what ``mkdir`` would create under the user's umask, for folders
-    that are renamed into place as outputs."""
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    return tmp
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` (recursively, for a folder) the mode plain ``open()``/``mkdir`` would have given it under the
+    user's umask: safetensors (0.8) and ``tempfile`` create private 0600/0700 files and folders."""
+    path = Path(path)
+    mask = current_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -179,9 +179,10 @@ def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 def write_training_state(folder: str | Path, step: int, run: RunGuard | None = None) -> None:
     """``training_state.json`` of a checkpoint: the step, the run's identity and settings, and every file's size
     (and sha256 below :data:`HASH_LIMIT`), written last into the not yet renamed checkpoint folder."""
-    from tlcm.data.shards import atomic_write_json
+    from tlcm.data.shards import apply_umask, atomic_write_json
 
     folder = Path(folder)
+    apply_umask(folder)  # accelerate/safetensors write some checkpoint files 0600
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != TRAINING_STATE:
