@@ -182,3 +182,27 @@ def test_files_are_created_with_the_users_umask(tiny_sd15_dir, prompts5, tmp_pat
     for path in [out / "manifest.json", out / "shard-00000.safetensors", out / "shard-00000.json",
                  tmp_path / "x.bin"]:
         assert path.stat().st_mode & 0o777 == 0o640, path  # 0666 & ~0027, not mkstemp's 0600
+
+
+def test_teacher_fingerprint_matches_across_load_precision_and_path(tiny_sd15_dir, sd15_other_seed_dir):
+    """Synthesis on CUDA loads the teacher in fp16, training in fp32: the same weights must match, another teacher
+    must not, and the fingerprint must not depend on the folder the teacher was loaded from."""
+    import torch
+
+    from tlcm.data.synthesize import _legacy_fingerprint, fingerprint_matches, teacher_fingerprint
+    from tlcm.models import load_pipeline
+
+    fp32 = load_pipeline(str(tiny_sd15_dir))
+    other = load_pipeline(str(sd15_other_seed_dir))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = load_pipeline(str(tiny_sd15_dir), dtype=dtype)  # as diffusers loads it: the fp32 file cast down
+        record = {"fingerprint": teacher_fingerprint(low), "fingerprint_dtype": str(dtype).removeprefix("torch.")}
+        assert record["fingerprint"] != teacher_fingerprint(fp32)  # another precision hashes other values...
+        assert fingerprint_matches(fp32, record)  # ...but is recognised as the same teacher
+        assert not fingerprint_matches(other, record)
+        assert fingerprint_matches(fp32, {"fingerprint": record["fingerprint"]})  # dtype unrecorded: all are tried
+    copy = tiny_sd15_dir.parent / "moved-teacher"
+    if not copy.exists():
+        shutil.copytree(tiny_sd15_dir, copy)
+    assert teacher_fingerprint(load_pipeline(str(copy))) == teacher_fingerprint(fp32)
+    assert fingerprint_matches(fp32, {"fingerprint": _legacy_fingerprint(fp32)})  # manifests of tlcm 0.1.0
