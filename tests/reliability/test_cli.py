@@ -185,3 +185,12 @@ def test_disk_full_during_synthesize_then_resume(tmp_path, capsys, monkeypatch, 
     from tlcm.data import verify_dataset
 
     assert verify_dataset(tmp_path / "d") == []
+
+
+def test_sample_warns_about_prompts_longer_than_the_token_limit(tmp_path, tiny_sd15_dir):
+    from tlcm.sample import SampleConfig, sample
+
+    seen = []
+    sample(SampleConfig(model=str(tiny_sd15_dir), prompts=["ok", "y" * 10_000], steps=1, out=str(tmp_path / "s"),
+                        progress=False), warn=seen.append)
+    assert any("1 of 2 prompts are longer than the text encoder's limit of 16 tokens" in w for w in seen), seen
