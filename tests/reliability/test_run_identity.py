@@ -185,6 +185,10 @@ def test_latent_shape_and_scaling_are_checked(tmp_path, tiny_sd15_dir):
         with pytest.raises(TLCMError, match=match):
             distill(cfg, pipe=pipe, log_with=None, progress=False)
     assert read_manifest(data)["complete"]
+    data = make_shards(tmp_path / "d16", tiny_sd15_dir)
+    cfg = _cfg(tmp_path / "o", data=str(data), teacher=str(tiny_sd15_dir), resolution=64)
+    with pytest.raises(TLCMError, match=r"latent size: shards \[16, 16\], resolution 64 means \[32, 32\]"):
+        distill(cfg, pipe=pipe, log_with=None, progress=False)
 
 
 def test_batch_larger_than_the_data_set_is_refused(tmp_path, tiny_sd15_dir, tiny_shards):

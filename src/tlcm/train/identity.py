@@ -463,8 +463,6 @@ def open_run(cfg, *, resume: str | None = None, overwrite: bool = False, in_memo
 def check_data_matches_teacher(manifest: dict, pipe, cfg, fingerprint_matches) -> None:
     """Refuse shards made by another teacher (fingerprint), for another latent shape or VAE scaling, naming each
     difference; ``cfg.allow_teacher_mismatch`` turns all but a latent channel mismatch into a warning."""
-    from tlcm.models import default_image_size
-
     teacher = manifest.get("teacher") or {}
     problems, fatal = [], []
     if not teacher.get("fingerprint"):
@@ -478,15 +476,12 @@ def check_data_matches_teacher(manifest: dict, pipe, cfg, fingerprint_matches) -
         channels = int(pipe.unet.config.in_channels)
         if int(shape[0]) != channels:
             fatal.append(f"latent channels: shards {shape[0]}, teacher UNet {channels}")
-        if cfg.resolution:
-            size = (cfg.resolution // pipe.vae_scale_factor,) * 2
-        else:
-            h, w = default_image_size(pipe)
-            size = (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
-        if tuple(int(s) for s in shape[1:]) != size:
-            problems.append(f"latent size: shards {list(shape[1:])}, the teacher at "
-                            f"{'resolution ' + str(cfg.resolution) if cfg.resolution else 'its default size'} "
-                            f"{list(size)} (set resolution to the data's)")
+        # The spatial size is checked only against an explicit `resolution`: without one, training follows the
+        # data's size (the training-size logic owns that decision and its checks).
+        if cfg.resolution and tuple(int(s) for s in shape[1:]) != (cfg.resolution // pipe.vae_scale_factor,) * 2:
+            size = [cfg.resolution // pipe.vae_scale_factor] * 2
+            problems.append(f"latent size: shards {list(shape[1:])}, resolution {cfg.resolution} means {size} "
+                            "(set resolution to the data's, or leave it 0)")
     for key in ("scaling_factor", "shift_factor"):
         ours = getattr(pipe.vae.config, key, None)
         theirs = manifest.get(key)
