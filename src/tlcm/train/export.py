@@ -65,6 +65,8 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
 
     layers = lora_state_dict(unet)
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    if isinstance(metadata.get("target_modules"), (list, set, tuple)):  # a set inside peft: its order varies per run
+        metadata["target_modules"] = sorted(metadata["target_modules"])
     if is_sdxl(pipe):
         from diffusers import StableDiffusionXLPipeline as Pipe
     else:
