@@ -190,7 +190,7 @@ def check_demo_config(cfg: DemoConfig) -> None:
     import math
 
     for key in ("records", "synth_steps", "mlcd_steps", "tlcm_steps", "lcm_steps", "distill_batch", "eval_prompts",
-                "reference_steps", "eval_batch_size"):
+                "reference_steps", "eval_batch_size", "teacher_ceiling_steps"):
         if int(getattr(cfg, key)) < 1:
             flag = {"records": "--records", "eval_prompts": "--eval-prompts"}.get(key, key)
             raise TLCMError(f"{flag} {getattr(cfg, key)} is less than 1", f"pass {flag} 1 or more")
@@ -198,6 +198,9 @@ def check_demo_config(cfg: DemoConfig) -> None:
         raise TLCMError(f"--threads {cfg.threads} is less than 1", "pass --threads 1 or more")
     if not cfg.eval_steps or min(cfg.eval_steps) < 1:
         raise TLCMError(f"eval_steps {list(cfg.eval_steps)} must be step counts of 1 or more", "use e.g. 1,2,4,8")
+    if cfg.diversity is not None and min(cfg.diversity) < 1:
+        raise TLCMError(f"diversity {cfg.diversity[0]}x{cfg.diversity[1]} needs 1 or more prompts and seeds",
+                        "use e.g. 16x4, or no diversity")
     if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
         raise TLCMError(f"guidance {cfg.guidance} is not a finite number >= 0", "use e.g. 4")
     if cfg.distill_batch > cfg.records:
