@@ -72,9 +72,13 @@ def run_stage(name: str, cmd: list[str], done: Path, log: list[dict], env: dict)
 
 
 def resume_flag(run_dir: Path) -> list[str]:
-    """``--resume latest`` when an interrupted run left checkpoints (distill continues it bit-identically)."""
+    """How to re-run an interrupted distillation stage: ``--resume latest`` when it left checkpoints (distill continues
+    it bit-identically); ``--overwrite`` when it was killed before its first checkpoint (distill refuses a folder
+    holding another run, and there is nothing to continue); nothing for a new stage. A finished stage is skipped."""
     ckpts = run_dir / "checkpoints"
-    return ["--resume", "latest"] if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")) else []
+    if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")):
+        return ["--resume", "latest"]
+    return ["--overwrite"] if run_dir.is_dir() and any(run_dir.iterdir()) else []
 
 
 def summary_of(run_dir: Path) -> dict:
@@ -246,7 +250,8 @@ def main() -> int:
     run_stage("distill-lcm-full (cost only)", tlcm_cmd("distill", "--preset", "toy-lcm", "--data", str(shards),
                                                        "--output-dir", str(out / "lcm-full"), "--set", "student=full",
                                                        "--set", "learning_rate=1e-4", "--max-steps", full_steps,
-                                                       "--set", "checkpointing_steps=0", "--no-progress"),
+                                                       "--set", "checkpointing_steps=0", "--no-progress",
+                                                       *resume_flag(out / "lcm-full")),
               out / "lcm-full" / "README.md", log, env)
     few = ["--num-prompts", "32" if args.quick else str(args.num_prompts)]
     if args.quick:

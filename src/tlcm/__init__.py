@@ -2,7 +2,10 @@
 
 __version__ = "0.1.0"
 
+from tlcm import _quiet  # noqa: E402
 from tlcm.errors import TLCMError  # noqa: E402
+
+_quiet.install()  # two irrelevant third-party log lines (see tlcm/_quiet.py)
 
 __all__ = ["TLCMError", "TLCMScheduler", "__version__"]
 

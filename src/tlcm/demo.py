@@ -150,7 +150,11 @@ def _distill(cfg: DemoConfig, preset: str, data: Path, out: Path, steps: int, ov
     # checkpoints of a few-minute run are not worth their disk; validation images are the evaluation's job
     dcfg = resolve_config(preset, None, flags, [*overrides, f"checkpointing_steps={max(steps, 1)}",
                                                  "validation_steps=0", f"batch_size={cfg.distill_batch}"])
-    distill(dcfg, log_with=None, progress=cfg.progress)
+    # a stage killed part-way: continue from its checkpoint, or (none yet) restart it; its settings are this demo's
+    from tlcm.train.loop import latest_checkpoint
+
+    resume = "latest" if latest_checkpoint(out) is not None else None
+    distill(dcfg, log_with=None, progress=cfg.progress, resume=resume, overwrite=resume is None)
 
 
 def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
@@ -188,8 +192,32 @@ def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
     )
 
 
+def check_demo_config(cfg: DemoConfig) -> None:
+    """Every count and scale in range, before any stage runs (a bad one must not fail after three trainings)."""
+    import math
+
+    for key in ("records", "synth_steps", "mlcd_steps", "tlcm_steps", "lcm_steps", "distill_batch", "eval_prompts",
+                "reference_steps", "eval_batch_size", "teacher_ceiling_steps"):
+        if int(getattr(cfg, key)) < 1:
+            flag = {"records": "--records", "eval_prompts": "--eval-prompts"}.get(key, key)
+            raise TLCMError(f"{flag} {getattr(cfg, key)} is less than 1", f"pass {flag} 1 or more")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise TLCMError(f"--threads {cfg.threads} is less than 1", "pass --threads 1 or more")
+    if not cfg.eval_steps or min(cfg.eval_steps) < 1:
+        raise TLCMError(f"eval_steps {list(cfg.eval_steps)} must be step counts of 1 or more", "use e.g. 1,2,4,8")
+    if cfg.diversity is not None and min(cfg.diversity) < 1:
+        raise TLCMError(f"diversity {cfg.diversity[0]}x{cfg.diversity[1]} needs 1 or more prompts and seeds",
+                        "use e.g. 16x4, or no diversity")
+    if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
+        raise TLCMError(f"guidance {cfg.guidance} is not a finite number >= 0", "use e.g. 4")
+    if cfg.distill_batch > cfg.records:
+        raise TLCMError(f"the distillation batch ({cfg.distill_batch}) exceeds the {cfg.records} records",
+                        f"pass --records {cfg.distill_batch} or more")
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run (or resume) the demo; return the evaluation results. See the module docstring."""
+    check_demo_config(cfg)
     if cfg.threads:
         import torch
 

@@ -195,6 +195,8 @@ def _quiet_diffusers():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*No LoRA keys associated.*")
+            # peft warns on every adapter after the first; several adapters are what load_loras is for
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
             yield
     finally:
         dlogging.set_verbosity(level)
@@ -208,19 +210,32 @@ def loaded_adapters(pipe) -> set[str]:
     return names
 
 
-_DOWN_SUFFIXES = (".lora.down.weight", ".lora_A.weight", ".lora_down.weight")
+_DOWN_SUFFIXES = {".lora.down.weight": "diffusers' old .lora.down/.lora.up", ".lora_A.weight": "peft lora_A/lora_B",
+                  ".lora_down.weight": "kohya lora_down/lora_up"}
 
 
-def _expected_unet_layers(file: str | Path) -> int | None:
-    """How many UNet layers a LoRA file adapts, from its keys (diffusers or kohya naming); None if it cannot tell."""
+def _unet_key_formats(file: str | Path) -> dict[str, int] | None:
+    """``{naming: number of UNet layers}`` of a LoRA file's keys (diffusers, peft or kohya naming); None if it
+    cannot tell."""
     from safetensors import safe_open
 
     if Path(file).suffix.lower() != ".safetensors":
         return None
     with safe_open(str(file), framework="pt") as f:
         keys = list(f.keys())
-    n = sum(1 for k in keys if k.startswith(("unet.", "lora_unet_")) and k.endswith(_DOWN_SUFFIXES))
-    return n or None
+    counts: dict[str, int] = {}
+    for k in keys:
+        if k.startswith(("unet.", "lora_unet_")):
+            for suffix, naming in _DOWN_SUFFIXES.items():
+                if k.endswith(suffix):
+                    counts[naming] = counts.get(naming, 0) + 1
+    return counts or None
+
+
+def _expected_unet_layers(file: str | Path) -> int | None:
+    """How many UNet layers a LoRA file adapts, from its keys (diffusers or kohya naming); None if it cannot tell."""
+    counts = _unet_key_formats(file)
+    return sum(counts.values()) if counts else None
 
 
 def adapted_unet_layers(pipe, name: str) -> int:
@@ -262,10 +277,15 @@ def load_loras(pipe, specs: list[tuple[str, float]], warn: Callable[[str], None]
                             "check the path or hub id; offline, a hub LoRA must already be in the HF cache") from err
         if name not in loaded_adapters(pipe):
             raise _mismatch(source, "none of its keys matches a UNet or text-encoder module")
-        expected = _expected_unet_layers(source.load_path) if source.kind == "file" else None
-        if expected is not None:
-            found = adapted_unet_layers(pipe, name)
-            if found < expected:
+        formats = _unet_key_formats(source.load_path) if source.kind == "file" else None
+        if formats:
+            expected, found = sum(formats.values()), adapted_unet_layers(pipe, name)
+            if found < expected and len(formats) > 1:
+                mix = ", ".join(f"{n} in {naming} naming" for naming, n in formats.items())
+                warn(f"only {found} of the {expected} UNet layers of LoRA {path!r} were loaded: the file mixes key "
+                     f"formats ({mix}) and diffusers reads one format per file, so the rest are ignored; re-save it "
+                     "with one naming (e.g. the peft names of get_peft_model_state_dict, as `tlcm distill` writes)")
+            elif found < expected:
                 warn(f"only {found} of the {expected} UNet layers of LoRA {path!r} exist in this UNet; the rest are "
                      "ignored (was it trained for a different base model?)")
         names.append(name)

@@ -31,14 +31,43 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``"auto"`` picks CUDA when present, else CPU; an unavailable CUDA request is a user error."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` picks CUDA when present, else CPU; an unknown or unavailable device is a user error."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TLCMError(f"device {device!r} requested but CUDA is not available", "pass --device cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise TLCMError(f"unknown device {str(device)!r}", "pass --device cpu, cuda, cuda:N or mps (or auto)") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TLCMError(f"device {str(device)!r} requested but CUDA is not available", "pass --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TLCMError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                            "exist", f"pass --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TLCMError(f"device {str(device)!r} requested but MPS is not available", "pass --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise TLCMError(f"device {str(device)!r} is not available in this PyTorch installation",
+                            "pass --device cpu or cuda")
     return dev
+
+
+def prompt_token_overflow(pipe, prompts: list[str]) -> tuple[int | None, list[int]]:
+    """``(token limit, indices of the prompts longer than it)`` for the pipeline's (first) tokenizer: text encoders
+    truncate such prompts silently, so callers warn with the limit."""
+    tok = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    limit = getattr(tok, "model_max_length", None)
+    if tok is None or not isinstance(limit, int) or limit > 100_000:
+        return None, []
+    long = []
+    for start in range(0, len(prompts), 4096):
+        batch = prompts[start:start + 4096]
+        ids = tok(batch, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+        long += [start + i for i, x in enumerate(ids) if len(x) > limit]
+    return limit, long
 
 
 def resolve_model_path(model: str) -> str:
@@ -238,3 +267,22 @@ def encode_prompts(pipe, prompts: list[str], height: int | None = None, width: i
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)})
     embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
     return Conditioning(embeds)
+
+
+def zero_conditioning(cond: Conditioning) -> Conditioning:
+    """The zeroed unconditional branch: all-zero text states (and SDXL pooled embeds), the size conditioning (SDXL
+    time ids) kept, as diffusers' SDXL pipeline builds it for ``force_zeros_for_empty_prompt``."""
+    extra = None
+    if cond.added_cond_kwargs is not None:
+        extra = {"text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
+                 "time_ids": cond.added_cond_kwargs["time_ids"]}
+    return Conditioning(torch.zeros_like(cond.encoder_hidden_states), extra)
+
+
+def zeros_for_empty_negatives(pipe, mode: str = "auto", manifest: dict | None = None) -> bool:
+    """Whether an empty negative prompt means the zeroed unconditional branch (``mode="auto"``): diffusers' rule for
+    SDXL pipelines with ``force_zeros_for_empty_prompt`` when no negative prompt is given, applied per data set as
+    the synthesizer applies it (a data set with negative prompts encodes its empty ones as ``""``)."""
+    if mode != "auto" or not is_sdxl(pipe) or not getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return False
+    return not ((manifest or {}).get("generation") or {}).get("has_negative_prompts", False)

@@ -236,7 +236,13 @@ def read_prompts_file(path: str | Path) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise TLCMError(f"prompts file {str(path)!r} does not exist", "pass a text file with one prompt per line")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TLCMError(f"prompts file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start})",
+                        f"convert it, e.g. iconv -f latin1 -t utf-8 {path} > prompts-utf8.txt") from err
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise TLCMError(f"prompts file {str(path)!r} is empty (no non-blank lines)",
                         "write one prompt per line, or pass --prompt")
@@ -399,6 +405,13 @@ def resolve(config: SampleConfig) -> ResolvedSample:
     if config.batch_size < 1:
         raise TLCMError(f"--batch-size {config.batch_size} is less than 1", "use 1 or more")
     check_size(config.height, config.width)
+    bad = [(p, w) for p, w in config.loras if not math.isfinite(float(w))]
+    if bad:
+        raise TLCMError(f"LoRA {bad[0][0]!r} has weight {bad[0][1]}, not a finite number",
+                        "give a finite weight after the colon, e.g. --lora PATH:0.8")
+    if config.guidance_scale is not None and (not math.isfinite(config.guidance_scale) or config.guidance_scale < 0):
+        raise TLCMError(f"--guidance-scale {config.guidance_scale} is not a finite number >= 0",
+                        "use 0 or 1 (no CFG) or a scale > 1")
     student = next((s for s in (describe_lora(p) for p, _ in config.loras) if s.is_student), None)
     if student is None and config.model:
         student = _exported_defaults(config.model)
@@ -480,8 +493,17 @@ def sample(config: SampleConfig, warn: Callable[[str], None] | None = None) -> l
     for note in run.warnings:
         warn(note)
     loaded = {path: load_init_image(path, run.height, run.width) for path in dict.fromkeys(run.images)}
-    pipe = prepare_pipeline(run, warn)
+    from tlcm.runlock import check_output_folder
+
     out = Path(run.out).expanduser()
+    check_output_folder(out, "--out")  # before the model loads
+    pipe = prepare_pipeline(run, warn)
+    from tlcm.models import prompt_token_overflow
+
+    limit, long = prompt_token_overflow(pipe, run.prompts)
+    if long:
+        warn(f"{len(long)} of {len(run.prompts)} prompts are longer than the text encoder's limit of {limit} tokens "
+             f"and are truncated to it (first: prompt #{long[0]}, {run.prompts[long[0]][:60]!r}...)")
     out.mkdir(parents=True, exist_ok=True)
 
     jobs = [(p, k) for p in range(len(run.prompts)) for k in range(run.images_per_prompt)]

@@ -80,6 +80,17 @@ def test_chain_runs_skips_resumes_and_checks_identity(chain_setup, monkeypatch, 
     assert calls == [(str(dirs[2]), "latest")]
     assert json.loads((dirs[2] / "train_summary.json").read_text())["resumed_from_step"] == 1
 
+    # killed before its first checkpoint: nothing to resume, so the phase starts again in its own folder (which
+    # still holds that run's run.json: distill would refuse it without overwrite)
+    shutil.rmtree(dirs[2] / "adapter")
+    shutil.rmtree(dirs[2] / "checkpoints")
+    (dirs[2] / "train_summary.json").unlink()
+    assert (dirs[2] / "run.json").is_file()
+    calls.clear()
+    run_chain(chain, None, flags, COMMON, progress=False, log_with=None)
+    assert calls == [(str(dirs[2]), None)]
+    assert json.loads((dirs[2] / "train_summary.json").read_text())["resumed_from_step"] == 0
+
     # a finished phase asked for another config: refused, naming the key
     with pytest.raises(TLCMError, match=r"phase s1 .* another config \(max_steps: 1 -> 2\)"):
         run_chain(chain, None, flags, COMMON + ["s1.max_steps=2"], progress=False, log_with=None)

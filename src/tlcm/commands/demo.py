@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
                       eval_prompts=args.eval_prompts, baseline_lcm=False if args.no_lcm else None,
                       baselines=False if args.no_baselines else None,
                       threads=args.threads, progress=False if args.no_progress else None)
-    results = run_demo(cfg)
+    from tlcm.runlock import hold
+
+    with hold(cfg.out, what="demo", flag="--out"):
+        results = run_demo(cfg)
     print(main_table(results))
     for note in results["notices"]:
         print(f"notice: {note}")

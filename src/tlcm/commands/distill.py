@@ -30,7 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML file of config keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (repeatable), e.g. --set lora_rank=32")
-    parser.add_argument("--resume", help="'latest' or a checkpoint-N folder: continue an interrupted run")
+    parser.add_argument("--resume", help="'latest' or a checkpoint-N folder: continue a run (its settings must match "
+                        "the checkpoint's, except max_steps, learning_rate, max_grad_norm, which apply from the "
+                        "resumed step, and bookkeeping such as logging/checkpointing/validation; see "
+                        "docs/reliability.md)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard the run that --output-dir holds (its checkpoints and outputs) and start anew")
+    parser.add_argument("--allow-teacher-mismatch", dest="allow_teacher_mismatch", action="store_true", default=None,
+                        help="train on shards made by another teacher, latent size or VAE scaling (deliberate "
+                        "cross-training; warned)")
     parser.add_argument("--max-steps", dest="max_steps", type=int, help="number of optimiser steps")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -45,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from tlcm.train.config import resolve_config, validate_config
     from tlcm.train.loop import distill, plan_text
 
-    flags = {k: getattr(args, k) for k in ("recipe", "teacher", "data", "output_dir", "max_steps", "seed", "device")}
+    flags = {k: getattr(args, k) for k in ("recipe", "teacher", "data", "output_dir", "max_steps", "seed", "device",
+                                           "allow_teacher_mismatch")}
     if is_chain(args.preset):
-        if args.resume or args.recipe:
+        if args.resume or args.recipe or args.overwrite:
             raise TLCMError("a chain sets each phase's recipe and resumes by itself",
-                            "drop --recipe and --resume (re-running the command continues the chain)")
+                            "drop --recipe, --resume and --overwrite (re-running the command continues the chain; "
+                            "delete the output folder to start it anew)")
         out = run_chain(args.preset, args.config, flags, args.overrides, progress=not args.no_progress,
                         dry_run=args.dry_run)
         if not args.dry_run:
@@ -66,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import os
 
-    out = distill(cfg, resume=args.resume, progress=not args.no_progress)
+    out = distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         print(f"student written to {out}")
     return 0

@@ -21,10 +21,11 @@ examples:
   tlcm export runs/tlcm/final --to fused --single-file --out tlcm-sd15.safetensors --dtype float16
 """
 
+# tlcm.export.FORMATS, spelled out so that building the parser imports no torch (a test keeps the two in step)
+FORMATS = ("kohya", "peft", "fused")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tlcm.export import FORMATS
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     parser.add_argument("student", metavar="STUDENT",

@@ -19,9 +19,14 @@ EPILOG = """examples:
 
 
 def _lora(text: str) -> tuple[str, float]:
+    import math
+
     from tlcm.lora import parse_lora_arg
 
-    return parse_lora_arg(text)
+    path, weight = parse_lora_arg(text)
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"LoRA weight {weight} in {text!r} is not a finite number")
+    return path, weight
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

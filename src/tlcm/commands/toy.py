@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
-
-import yaml
 
 from tlcm.errors import TLCMError
 
@@ -27,6 +26,8 @@ def _common_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_set(items: list[str]) -> dict:
+    import yaml
+
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -144,6 +145,11 @@ def run(args) -> int:
 
         if args.n < 1:
             raise TLCMError(f"--n {args.n} is too small", "ask for at least one image")
+        if args.heldout < 0:
+            raise TLCMError(f"--heldout {args.heldout} is negative", "pass 0 or more held-out images")
+        from tlcm.runlock import check_output_folder
+
+        check_output_folder(args.out)
         out = export_imagefolder(args.world, args.out, args.n, args.seed, args.heldout, progress=progress)
         print(f"wrote {args.n} training and {args.heldout} held-out images to {out}")
         return 0
@@ -201,6 +207,15 @@ def run(args) -> int:
         from tlcm.toy.build import evaluate_teacher
         from tlcm.toy.metrics import ToyMetrics
 
+        for flag, value, low in (("--steps", args.steps, 1), ("--prompts", args.prompts, 0),
+                                 ("--heldout-prompts", args.heldout_prompts, 0), ("--threads", args.threads, 1)):
+            if value < low:
+                raise TLCMError(f"{flag} {value} is less than {low}", f"pass {flag} {max(low, 1)} or more")
+        if args.prompts + args.heldout_prompts < 1:
+            raise TLCMError("--prompts 0 and --heldout-prompts 0 leave nothing to evaluate",
+                            "pass --prompts 500 (the default) or more than 0 of either")
+        if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+            raise TLCMError(f"--guidance-scale {args.guidance_scale} is not a finite number >= 0", "use e.g. 5")
         common.set_threads(args.threads)
         teacher = Path(args.teacher) if args.teacher else teacher_path(world=args.world)
         if not (teacher / "model_index.json").is_file():
@@ -248,7 +263,10 @@ def run(args) -> int:
             )
             return 0
         command = "tlcm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-        provenance = build(cfg, args.work, ship=args.ship, command=command, progress=progress)
+        from tlcm.runlock import hold
+
+        with hold(args.work, what="toy build", flag="--work"):
+            provenance = build(cfg, args.work, ship=args.ship, command=command, progress=progress)
         print(Path(args.work) / "report.md")
         print((Path(args.work) / "report.md").read_text())
         return 0 if provenance else 1

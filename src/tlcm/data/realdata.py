@@ -22,9 +22,12 @@ import torch
 
 from tlcm.data.shards import (
     MANIFEST,
-    completed_shard,
+    expected_records,
+    identity_sha256,
     new_manifest,
     read_manifest,
+    shard_name,
+    shard_status,
     write_manifest,
     write_shard,
 )
@@ -114,23 +117,51 @@ def _fingerprint(items: list[tuple[str, str]], root: Path) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
 def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
-    """Encode an image folder into a dataset folder (resumable, shard by shard); return the folder."""
-    from tlcm.data.synthesize import _dist, _finish, _load_teacher, initial_noise, teacher_fingerprint
+    """Encode an image folder into a dataset folder (resumable, shard by shard; a complete one is verified and its
+    damaged shards re-encoded); return the folder. The folder is locked for the run (:mod:`tlcm.runlock`)."""
+    from tlcm.data.synthesize import _dist
+    from tlcm.runlock import acquire_on_main
+
+    state = _dist(config.device)
+    lock = acquire_on_main(Path(config.out).expanduser(), state, what="data set", flag="--out")
+    try:
+        return _encode_images(config, state, pipe)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@torch.no_grad()
+def _encode_images(config: EncodeImagesConfig, state, pipe) -> Path:
+    from tlcm.data.synthesize import (
+        ENGINE_VERSION,
+        _damaged_shards,
+        _finish,
+        _load_teacher,
+        fingerprint_matches,
+        initial_noise,
+        teacher_fingerprint,
+    )
     from tlcm.models import encode_prompts, parse_dtype, resolve_device
+    from tlcm.runlock import LOCK_NAME
 
     if config.sample_mode not in ("sample", "mean"):
         raise TLCMError(f"unknown --sample-mode {config.sample_mode!r}", "use 'sample' or 'mean'")
     if config.batch_size < 1 or config.records_per_shard < 1:
         raise TLCMError("--batch-size and --records-per-shard must be at least 1", "use e.g. --batch-size 8")
-    state = _dist(config.device)
     root = Path(config.images).expanduser()
     items = find_images(root, config.caption_column)
     out = Path(config.out).expanduser()
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
-    if existing is None and out.exists() and any(out.iterdir()) and not config.overwrite:
+    if existing is not None and config.overwrite:
+        existing = None
+    if existing is None and out.exists() and [p for p in out.iterdir() if p.name != LOCK_NAME] \
+            and not config.overwrite:
         raise TLCMError(f"--out {out} is not empty and holds no tlcm dataset", "pick a new or empty folder")
+    if existing is not None and existing.get("source") != "images":
+        raise TLCMError(f"--out {out} holds a data set made by `tlcm synthesize`",
+                        "pick another --out, or pass --overwrite to replace it")
     device = state.device if state.num_processes > 1 else resolve_device(config.device)
     pipe, dtype = _load_teacher(config, device, pipe)
     vae = pipe.vae
@@ -142,24 +173,47 @@ def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
                         f"use a multiple of {pipe.vae_scale_factor}")
     gen = {"source": "images", "images_sha256": _fingerprint(items, root), "num_records": len(items),
            "records_per_shard": config.records_per_shard, "resolution": resolution, "sample_mode": config.sample_mode,
-           "seed": config.seed, "latent_dtype": str(parse_dtype(config.latent_dtype)).removeprefix("torch."),
+           "seed": config.seed, "batch_size": config.batch_size,
+           "latent_dtype": str(parse_dtype(config.latent_dtype)).removeprefix("torch."),
            "save_embeddings": config.save_embeddings, "dtype": str(dtype).removeprefix("torch."),
            "caption_column": config.caption_column}
-    teacher = {"id": config.teacher, "fingerprint": teacher_fingerprint(pipe), "pipeline": type(pipe).__name__}
-    if existing is not None and not config.overwrite:
+    teacher = {"id": config.teacher, "fingerprint": teacher_fingerprint(pipe),
+               "fingerprint_dtype": str(dtype).removeprefix("torch."), "pipeline": type(pipe).__name__}
+    if existing is not None:
         old = existing.get("generation", {})
-        changes = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in gen.items() if old.get(k) != v]
-        if existing.get("teacher", {}).get("fingerprint") != teacher["fingerprint"]:
-            changes.append(f"teacher: {existing.get('teacher', {}).get('id')!r} -> {config.teacher!r}")
+        changes = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in gen.items() if k in old and old.get(k) != v]
+        if not fingerprint_matches(pipe, existing.get("teacher")):
+            changes.append(f"teacher: {existing.get('teacher', {}).get('id')!r} -> {config.teacher!r} (another "
+                           "fingerprint)")
         if changes:
             raise TLCMError(f"{out} was encoded with a different configuration: " + "; ".join(changes),
                             "re-run with the original settings to resume, --overwrite to discard it, or another --out")
-        if existing.get("complete"):
-            if state.is_main_process:
-                print(f"{out}: complete ({existing['num_records']} records), nothing to do")
-            return out
     c = vae.config.latent_channels
     latent_shape = (c, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    identity = {"format": "tlcm-shards", "engine_version": ENGINE_VERSION, "generation": gen,
+                "teacher_fingerprint": teacher["fingerprint"], "latent_shape": list(latent_shape)}
+    ident = identity_sha256(identity)
+    if existing is not None and existing.get("identity_sha256") not in (None, ident):
+        raise TLCMError(f"{out} was encoded with a different configuration (identity {existing['identity_sha256'][:12]}"
+                        f" vs {ident[:12]})", "re-run with the original settings, --overwrite, or another --out")
+    if existing is not None and existing.get("identity_sha256") is None:
+        ident = None  # started by an older tlcm: its shards carry no identity
+    if existing is not None and existing.get("complete"):  # verify; damaged shards make it unfinished again
+        if state.is_main_process:
+            damaged = _damaged_shards(out, existing)
+            for entry, why in damaged:
+                print(f"{out}: {why}; encoding it again", flush=True)
+                for suffix in (".safetensors", ".json"):
+                    (out / f"{entry['name']}{suffix}").unlink(missing_ok=True)
+            if damaged:
+                write_manifest(out, {**existing, "complete": False, "shards": []})
+        state.wait_for_everyone()
+        existing = read_manifest(out)
+        if existing.get("complete"):
+            if state.is_main_process:
+                print(f"{out}: complete ({existing['num_records']} records, every shard's checksum verified), "
+                      "nothing to do")
+            return out
     state.wait_for_everyone()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -169,18 +223,26 @@ def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
             _clear(out)
         for stale in out.glob(".shard-*.tmp"):
             stale.unlink()
-        if existing is None or config.overwrite:
+        if existing is None:
             write_manifest(out, new_manifest(
                 num_records=len(items), records_per_shard=config.records_per_shard, latent_shape=latent_shape,
                 meta={"teacher": teacher, "generation": gen, "scaling_factor": vae.config.scaling_factor,
-                      "source": "images", "image_folder": str(root),
+                      "shift_factor": getattr(vae.config, "shift_factor", None), "source": "images",
+                      "image_folder": str(root), "identity": identity, "identity_sha256": ident,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
     state.wait_for_everyone()
     manifest = read_manifest(out)
 
     n, per = len(items), config.records_per_shard
-    todo = [k for k in range(math.ceil(n / per))
-            if k % state.num_processes == state.process_index and completed_shard(out, k) is None]
+    todo = []
+    for k in range(math.ceil(n / per)):
+        if k % state.num_processes != state.process_index:
+            continue
+        entry, why = shard_status(out, k, identity=ident, expect=expected_records(manifest, k), verify=True)
+        if entry is None:
+            todo.append(k)
+            if why != "missing":
+                print(f"{out}: {shard_name(k)} {why}; encoding it again", flush=True)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(min(n, (k + 1) * per) - k * per for k in todo), unit="img", desc="encode-images",
@@ -216,6 +278,6 @@ def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
             tensors["prompt_embeds"] = torch.cat(emb_parts).to(store)
         if pooled_parts:
             tensors["pooled_prompt_embeds"] = torch.cat(pooled_parts).to(store)
-        write_shard(out, k, lo, tensors, records)
+        write_shard(out, k, lo, tensors, records, identity=ident)
     bar.close()
     return _finish(out, manifest, state, n)

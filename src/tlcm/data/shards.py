@@ -62,13 +62,40 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (``os.umask`` can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` (recursively, for a folder) the mode plain ``open()``/``mkdir`` would have given it under the
+    user's umask: safetensors (0.8) and ``tempfile`` create private 0600/0700 files and folders."""
+    path = Path(path)
+    mask = current_umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part (the
-    project's one atomic writer; creates missing parent folders)."""
+    project's one atomic writer; creates missing parent folders). The file gets the mode ``open()`` would give it
+    (0666 minus the umask), not ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -88,7 +115,13 @@ def atomic_write_json(path: str | Path, obj) -> bytes:
 # --------------------------------------------------------------------------------------------------------- writing
 
 
-def _encode_shard(tensors: dict[str, torch.Tensor], records: list[dict], index: int, first: int) -> tuple[bytes, dict]:
+def identity_sha256(identity: dict) -> str:
+    """The digest that ties a shard to the data set configuration it was generated for (see ``write_shard``)."""
+    return sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())
+
+
+def _encode_shard(tensors: dict[str, torch.Tensor], records: list[dict], index: int, first: int,
+                  identity: str | None = None) -> tuple[bytes, dict]:
     from safetensors.torch import save
 
     n = len(records)
@@ -108,20 +141,23 @@ def _encode_shard(tensors: dict[str, torch.Tensor], records: list[dict], index: 
                     for k, v in tensors.items()},
         "records": records,
     }
+    if identity is not None:
+        meta["dataset_identity"] = identity
     return blob, meta
 
 
 def write_shard(out_dir: str | Path, index: int, first_record: int, tensors: dict[str, torch.Tensor],
-                records: list[dict]) -> dict:
+                records: list[dict], *, identity: str | None = None) -> dict:
     """Atomically write shard ``index`` (tensors, then the JSON that marks it complete); return its manifest entry.
 
     ``records`` are per-record metadata dicts (``index``, ``prompt``, ``negative_prompt``, ``seed``,
     ``guidance_scale``, ...); ``tensors`` holds ``latents`` (N,C,H,W) and any of :data:`RECORD_TENSORS` /
-    :data:`SHARED_TENSORS`.
+    :data:`SHARED_TENSORS`. ``identity`` (the data set's ``identity_sha256``) is stored in the JSON, so a resumed
+    run adopts only shards written for its own configuration (:func:`shard_status`).
     """
     out_dir = Path(out_dir)
     name = shard_name(index)
-    blob, meta = _encode_shard(tensors, records, index, first_record)
+    blob, meta = _encode_shard(tensors, records, index, first_record, identity)
     atomic_write_bytes(out_dir / f"{name}.safetensors", blob)
     meta_bytes = atomic_write_json(out_dir / f"{name}.json", meta)
     return _entry(name, meta, sha256_bytes(meta_bytes))
@@ -132,22 +168,49 @@ def _entry(name: str, meta: dict, json_sha: str) -> dict:
             "sha256": meta["tensors_sha256"], "bytes": meta["tensors_bytes"], "json_sha256": json_sha}
 
 
-def completed_shard(out_dir: str | Path, index: int) -> dict | None:
-    """The manifest entry of shard ``index`` if it was written completely (JSON present, tensor file of the right
-    size), else ``None``. Cheap: reads the JSON, not the tensors; full checks are :func:`verify_dataset`'s job."""
+def shard_status(out_dir: str | Path, index: int, *, identity: str | None = None,
+                 expect: tuple[int, int] | None = None, verify: bool = False) -> tuple[dict | None, str | None]:
+    """``(manifest entry, None)`` if shard ``index`` was written completely, else ``(None, why)``.
+
+    Complete means: its JSON parses and its tensor file has the recorded size; with ``identity``, the JSON names that
+    data set identity (a shard of another configuration, or copied from elsewhere, is not adopted); with ``expect``
+    = ``(first_record, count)``, it holds those records; with ``verify``, the tensor file's sha256 is the one its
+    JSON recorded. ``why`` is ``"missing"`` or a short description of the problem."""
     out_dir = Path(out_dir)
     name = shard_name(index)
     jpath, tpath = out_dir / f"{name}.json", out_dir / f"{name}.safetensors"
+    if not jpath.exists() and not tpath.exists():
+        return None, "missing"
     if not jpath.exists() or not tpath.exists():
-        return None
+        return None, f"{(tpath if not tpath.exists() else jpath).name} is missing"
     raw = jpath.read_bytes()
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"{jpath.name} is not valid JSON"
+    if not isinstance(meta, dict) or "tensors_bytes" not in meta or "tensors_sha256" not in meta:
+        return None, f"{jpath.name} is not a shard description"
     if tpath.stat().st_size != meta.get("tensors_bytes"):
-        return None
-    return _entry(name, meta, sha256_bytes(raw))
+        return None, f"{tpath.name} has {tpath.stat().st_size} bytes, its JSON says {meta.get('tensors_bytes')}"
+    if identity is not None and meta.get("dataset_identity") != identity:
+        found = meta.get("dataset_identity")
+        return None, ("was written for another data set configuration"
+                      + (f" (identity {str(found)[:12]}, this data set's is {identity[:12]})" if found else
+                         " (it carries no data set identity)"))
+    if expect is not None and (meta.get("first_record"), meta.get("count")) != tuple(expect):
+        return None, (f"holds records {meta.get('first_record')}+{meta.get('count')}, expected "
+                      f"{expect[0]}+{expect[1]}")
+    if verify:
+        got = sha256_file(tpath)
+        if got != meta["tensors_sha256"]:
+            return None, f"{tpath.name} is corrupt: sha256 {got[:16]}... differs from its JSON's"
+    return _entry(name, meta, sha256_bytes(raw)), None
+
+
+def completed_shard(out_dir: str | Path, index: int, **checks) -> dict | None:
+    """The manifest entry of shard ``index`` if it was written completely, else ``None`` (see :func:`shard_status`;
+    without ``checks`` it is cheap: reads the JSON, not the tensors)."""
+    return shard_status(out_dir, index, **checks)[0]
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
@@ -185,9 +248,10 @@ def finalize_manifest(out_dir: str | Path, manifest: dict) -> dict:
     out_dir = Path(out_dir)
     entries = []
     for i in range(manifest["num_shards"]):
-        entry = completed_shard(out_dir, i)
+        entry, why = shard_status(out_dir, i, identity=manifest.get("identity_sha256"),
+                                  expect=expected_records(manifest, i))
         if entry is None:
-            raise TLCMError(f"shard {out_dir / shard_name(i)}.safetensors is missing or incomplete",
+            raise TLCMError(f"shard {out_dir / shard_name(i)}.safetensors: {why}",
                             "re-run the same command to generate the missing shards")
         entries.append(entry)
     covered = sum(e["count"] for e in entries)
@@ -273,6 +337,12 @@ def read_manifest(path: str | Path, *, require_complete: bool = False) -> dict:
     return manifest
 
 
+def repair_hint(root: str | Path) -> str:
+    """The fix for a damaged or missing shard: the writer verifies every shard and regenerates the bad ones."""
+    return (f"run `tlcm synthesize --repair --out {root}` (synthetic data) or the same `tlcm encode-images` command "
+            "again (real images): it verifies every shard and regenerates the damaged ones")
+
+
 def load_shard(root: str | Path, entry: dict, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Load one shard's tensors and JSON; with ``verify`` check both against the manifest entry's sha256."""
     from safetensors.torch import load
@@ -281,7 +351,7 @@ def load_shard(root: str | Path, entry: dict, *, verify: bool = True) -> tuple[d
     tpath, jpath = root / f"{entry['name']}.safetensors", root / f"{entry['name']}.json"
     for p in (tpath, jpath):
         if not p.exists():
-            raise TLCMError(f"shard file {p} is missing", "re-run the command that wrote the dataset to regenerate it")
+            raise TLCMError(f"shard file {p} is missing", repair_hint(root))
     blob, raw = tpath.read_bytes(), jpath.read_bytes()
     if verify:
         for p, data, want in ((tpath, blob, entry["sha256"]), (jpath, raw, entry["json_sha256"])):
@@ -290,29 +360,57 @@ def load_shard(root: str | Path, entry: dict, *, verify: bool = True) -> tuple[d
                 raise TLCMError(
                     f"shard file {p} is corrupt or truncated: sha256 {got[:16]}... does not match the manifest's "
                     f"{want[:16]}... ({len(data)} bytes)",
-                    "delete the shard's two files and re-run the same `tlcm synthesize` command to regenerate it",
+                    repair_hint(root),
                 )
     try:
         tensors = load(blob)
         meta = json.loads(raw)
     except Exception as err:  # safetensors raises its own error types
         raise TLCMError(f"shard {tpath} cannot be read: {err}",
-                        "delete the shard's two files and re-run the same command to regenerate it") from err
+                        repair_hint(root)) from err
     return tensors, meta
 
 
+def check_entry(root: str | Path, entry: dict) -> str | None:
+    """``None`` if both files of a manifest entry exist with the manifest's sha256, else what is wrong. Streams the
+    files (no tensor is loaded)."""
+    root = Path(root)
+    for suffix, want in ((".safetensors", entry["sha256"]), (".json", entry["json_sha256"])):
+        p = root / f"{entry['name']}{suffix}"
+        if not p.exists():
+            return f"shard file {p} is missing"
+        got = sha256_file(p)
+        if got != want:
+            return (f"shard file {p} is corrupt or truncated: sha256 {got[:16]}... does not match the manifest's "
+                    f"{want[:16]}... ({p.stat().st_size} bytes)")
+    return None
+
+
+def expected_records(manifest: dict, index: int) -> tuple[int, int]:
+    """``(first_record, count)`` of shard ``index`` in a data set of this manifest."""
+    per, n = manifest["records_per_shard"], manifest["num_records"]
+    return index * per, min(n, (index + 1) * per) - index * per
+
+
 def verify_dataset(path: str | Path) -> list[str]:
-    """Check every shard against the manifest; return one line per problem (empty when all is well)."""
+    """Check every shard; return one line per problem (empty when all is well). A complete data set is checked
+    against the manifest's sha256; an unfinished one shard by shard against each shard's own JSON (and its data set
+    identity), so a damaged or foreign shard is reported before it would be adopted."""
     root = _dataset_dir(path)
     manifest = read_manifest(root)
     problems = []
-    if not manifest.get("complete"):
-        problems.append(f"{root / MANIFEST}: dataset is incomplete (generation interrupted)")
-    for entry in manifest.get("shards", []):
-        try:
-            load_shard(root, entry, verify=True)
-        except TLCMError as err:
-            problems.append(err.problem)
+    if manifest.get("complete"):
+        for entry in manifest.get("shards", []):
+            why = check_entry(root, entry)
+            if why:
+                problems.append(why)
+        return problems
+    problems.append(f"{root / MANIFEST}: dataset is incomplete (generation interrupted or still running)")
+    for k in range(manifest.get("num_shards", 0)):
+        _, why = shard_status(root, k, identity=manifest.get("identity_sha256"), expect=expected_records(manifest, k),
+                              verify=True)
+        if why and why != "missing":
+            problems.append(f"{root / shard_name(k)}: {why}")
     return problems
 
 

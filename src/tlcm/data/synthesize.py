@@ -18,28 +18,41 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from tlcm.data.prompts import PromptSet, load_prompts
 from tlcm.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
     MANIFEST,
+    check_entry,
     completed_shard,
+    expected_records,
     finalize_manifest,
+    identity_sha256,
     load_shard,
     new_manifest,
     read_manifest,
     shard_name,
+    shard_status,
     write_manifest,
     write_shard,
 )
 from tlcm.errors import TLCMError
+from tlcm.runlock import LOCK_NAME, acquire_on_main, lock_holder
 
 SOLVERS = ("dpmpp", "ddim", "euler")
 IMAGE_FORMATS = ("png", "jpeg")
+# Bump when the same settings would produce other bytes (a change to generation, record layout or seeding): data
+# sets written by another engine version are then not resumed into (their identity differs).
+ENGINE_VERSION = 1
+# SynthesizeConfig fields that are not settings of the data (where it goes and how this run behaves).
+NOT_SETTINGS = ("out", "device", "overwrite", "progress")
 
 
 @dataclass
@@ -87,8 +100,38 @@ def make_scheduler(pipe, solver: str):
     raise TLCMError(f"unknown solver {solver!r}", f"use one of {', '.join(SOLVERS)}")
 
 
-def teacher_fingerprint(pipe) -> str:
-    """A cheap identity of the teacher's weights: UNet config plus a hash of a few of its parameter tensors."""
+FINGERPRINT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def teacher_fingerprint(pipe, dtype: str | torch.dtype | None = None) -> str:
+    """A cheap identity of the teacher's weights: UNet config plus a hash of a few of its parameter tensors, rounded
+    to ``dtype`` (default: the UNet's own) first, so that a teacher loaded in float32 can be matched against a
+    fingerprint taken from the same weights loaded in float16 (:func:`fingerprint_matches`)."""
+    from tlcm.models import parse_dtype
+
+    dt = pipe.unet.dtype if dtype is None else parse_dtype(dtype)
+    config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}  # not the load path/version
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    params = list(pipe.unet.state_dict().items())
+    for name, t in params[:2] + params[len(params) // 2: len(params) // 2 + 1] + params[-2:]:
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").to(dt).to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def fingerprint_matches(pipe, teacher: dict | None) -> bool:
+    """Whether ``pipe`` is the teacher a manifest's ``teacher`` record describes (its fingerprint, recomputed at the
+    precision it was taken in; all three when the record does not say). True when nothing was recorded."""
+    if not teacher or not teacher.get("fingerprint"):
+        return True
+    if not teacher.get("fingerprint_dtype") and _legacy_fingerprint(pipe) == teacher["fingerprint"]:
+        return True
+    dtypes = [teacher["fingerprint_dtype"]] if teacher.get("fingerprint_dtype") else FINGERPRINT_DTYPES
+    return any(teacher_fingerprint(pipe, d) == teacher["fingerprint"] for d in dtypes)
+
+
+def _legacy_fingerprint(pipe) -> str:
+    """The fingerprint of tlcm <= 0.1.0 manifests (it hashed the config's load path too)."""
     h = hashlib.sha256(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
     params = list(pipe.unet.state_dict().items())
     for name, t in params[:2] + params[len(params) // 2: len(params) // 2 + 1] + params[-2:]:
@@ -256,14 +299,21 @@ def _dist(device: str | None = None):
     return PartialState(cpu=cpu)
 
 
-def _resolve(config: SynthesizeConfig, prompts: PromptSet) -> dict:
-    """The generation settings that define the data (compared on resume); the teacher is compared separately."""
+def _resolve(config: SynthesizeConfig, prompts: PromptSet, dtype: torch.dtype,
+             existing: dict | None = None) -> dict:
+    """The generation settings that define the data (part of its identity, compared on resume). The guidance
+    default depends on the teacher (SDXL: 6.0): it is taken from ``existing``'s teacher, else left ``None`` until
+    the teacher is loaded."""
     if config.solver not in SOLVERS:
         raise TLCMError(f"unknown solver {config.solver!r}", f"use one of {', '.join(SOLVERS)}")
     if config.steps < 1:
         raise TLCMError(f"--steps must be at least 1, got {config.steps}", "use e.g. --steps 25")
     if config.batch_size < 1 or config.records_per_shard < 1:
         raise TLCMError("--batch-size and --records-per-shard must be at least 1", "use e.g. --batch-size 8")
+    g = config.guidance_scale
+    if g is not None and (not math.isfinite(g) or g < 0):
+        raise TLCMError(f"--guidance-scale {g} is not a finite number >= 0",
+                        "use e.g. 7.5 (diffusers' form: 1 or less means no classifier-free guidance)")
     n = len(prompts) if config.num_records is None else config.num_records
     if n < 1:
         raise TLCMError(f"--num-records must be at least 1, got {n}", "use e.g. --num-records 1000")
@@ -275,18 +325,22 @@ def _resolve(config: SynthesizeConfig, prompts: PromptSet) -> dict:
         raise TLCMError(f"unknown image format {config.save_images!r}", f"use one of {', '.join(IMAGE_FORMATS)}")
     from tlcm.models import parse_dtype
 
-    parse_dtype(config.latent_dtype)
+    if g is None and existing is not None:
+        g = 6.0 if (existing.get("teacher") or {}).get("sdxl") else 7.5
     return {
         "solver": config.solver,
         "steps": config.steps,
-        "guidance_scale": config.guidance_scale,
+        "guidance_scale": None if g is None else float(g),
         "guidance_form": "diffusers: uncond + g (cond - uncond)",
         "seed": config.seed,
         "num_records": n,
         "records_per_shard": config.records_per_shard,
+        "batch_size": config.batch_size,  # kernels may round differently at another batch size
+        "dtype": str(dtype).removeprefix("torch."),
         "latent_dtype": str(parse_dtype(config.latent_dtype)).removeprefix("torch."),
         "save_embeddings": config.save_embeddings,
         "trajectory_steps": sorted(set(config.trajectory_steps)),
+        "save_images": config.save_images,
         "prompts_sha256": prompts.sha256(),
         "num_prompts": len(prompts),
         "has_negative_prompts": any(prompts.negative_prompts),
@@ -294,8 +348,21 @@ def _resolve(config: SynthesizeConfig, prompts: PromptSet) -> dict:
 
 
 def _diff(old: dict, new: dict) -> list[str]:
-    keys = [k for k in new if k != "dtype"]
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    """``key: old -> new`` for every key of ``new`` that differs; keys an older manifest lacks are not compared."""
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if k in old and old.get(k) != new.get(k)]
+
+
+def _identity(gen: dict, teacher: dict, latent_shape) -> dict:
+    """Everything that decides the bytes of a data set: generation settings, teacher weights, latent shape and the
+    code's format version. Its digest is stored in the manifest and in every shard (``dataset_identity``)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "engine_version": ENGINE_VERSION,
+            "generation": gen, "teacher_fingerprint": teacher["fingerprint"], "latent_shape": list(latent_shape)}
+
+
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    flat = [(k, old.get(k), v) for k, v in new.items() if k != "generation"]
+    flat += [(k, (old.get("generation") or {}).get(k), v) for k, v in new["generation"].items()]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in flat if a != b] or ["(identity digest differs)"]
 
 
 def _our_files(out: Path) -> list[Path]:
@@ -308,13 +375,18 @@ def _clear(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _load_teacher(config: SynthesizeConfig, device, pipe=None):
-    from tlcm.models import load_pipeline, parse_dtype
+def _compute_dtype(config, device: torch.device) -> torch.dtype:
+    from tlcm.models import parse_dtype
 
     if config.dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = parse_dtype(config.dtype)
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return parse_dtype(config.dtype)
+
+
+def _load_teacher(config, device, pipe=None):
+    from tlcm.models import load_pipeline
+
+    dtype = _compute_dtype(config, device)
     if pipe is None:
         pipe = load_pipeline(config.teacher, device=device, dtype=dtype)
     elif pipe.unet.device != device or pipe.unet.dtype != dtype:
@@ -323,112 +395,235 @@ def _load_teacher(config: SynthesizeConfig, device, pipe=None):
     return pipe, dtype
 
 
-def _prepare(config: SynthesizeConfig):
-    """Prompts, resolved settings and the existing dataset's state, without loading the teacher. Raises for a
-    changed configuration (unless ``overwrite``); ``noop`` is True for a complete dataset with the same settings."""
+def check_solver_steps(pipe, steps: int) -> None:
+    """Refuse a step count the teacher's solver cannot take (more steps than training timesteps, or a schedule
+    that reaches past the last one) before any record is generated."""
+    sched = pipe.scheduler
+    total = int(sched.config.num_train_timesteps)
+    fix = f"use fewer steps (at most {total - 1}; 25-50 is typical)"
+    if steps > total:
+        raise TLCMError(f"--steps {steps} exceeds the teacher's {total} training timesteps", fix)
+    try:
+        sched.set_timesteps(steps)
+    except (ValueError, IndexError) as err:
+        raise TLCMError(f"--steps {steps}: the {type(sched).__name__} refuses it ({err})", fix) from err
+    last = int(torch.as_tensor(sched.timesteps).max())
+    if last >= total:
+        raise TLCMError(f"--steps {steps} puts a {type(sched).__name__} timestep at {last}, past the teacher's last "
+                        f"training timestep {total - 1}", fix)
+
+
+def _setting_fields() -> list[str]:
+    return [f.name for f in fields(SynthesizeConfig) if f.name not in NOT_SETTINGS]
+
+
+def config_from_manifest(out: str | Path, **overrides) -> SynthesizeConfig:
+    """The configuration a data set was generated with (``tlcm synthesize --repair --out DIR``): every setting
+    from its manifest, ``overrides`` (e.g. ``device``, ``progress``; or settings, which must then agree) on top."""
+    out = Path(out).expanduser()
+    if not (out / MANIFEST).exists():
+        raise TLCMError(f"--repair: {out} holds no data set ({MANIFEST} is missing)",
+                        "pass the --out folder of a `tlcm synthesize` run")
+    manifest = read_manifest(out)
+    recorded = manifest.get("synthesize_config")
+    if manifest.get("source") != "synthesize" or not isinstance(recorded, dict):
+        what = "was made by `tlcm encode-images`" if manifest.get("source") == "images" else \
+            "records no synthesize settings (written by an older tlcm or by write_shards)"
+        raise TLCMError(f"--repair: {out} {what}",
+                        "re-run the original command with all its flags: a plain re-run also verifies and repairs")
+    settings = {k: recorded[k] for k in _setting_fields() if k in recorded}
+    return SynthesizeConfig(**{**settings, "out": str(out), **overrides})
+
+
+def _manifest_settings(config: SynthesizeConfig, gen: dict) -> dict:
+    """The settings ``--repair`` needs to regenerate any shard, as resolved by this run."""
+    settings = {k: getattr(config, k) for k in _setting_fields()}
+    prompts = Path(str(config.prompts)).expanduser()
+    settings["prompts"] = str(config.prompts) if str(config.prompts) == "toy" else str(prompts.resolve())
+    settings.update(guidance_scale=gen["guidance_scale"], dtype=gen["dtype"], num_records=gen["num_records"])
+    return settings
+
+
+def _prepare(config: SynthesizeConfig, device: torch.device):
+    """Prompts, resolved settings and the existing data set, without loading the teacher. Raises for a changed
+    configuration (unless ``overwrite``)."""
     out = Path(config.out).expanduser()
-    prompts = load_prompts(config.prompts, column=config.prompt_column, negative_column=config.negative_column,
-                           negative_prompt=config.negative_prompt, dedupe=config.dedupe)
-    gen = _resolve(config, prompts)
-    existing = None
     if out.exists() and not out.is_dir():
         raise TLCMError(f"--out {out} is a file", "pass a folder (it is created if missing)")
-    if (out / MANIFEST).exists():
-        existing = read_manifest(out)
-    elif out.exists() and any(out.iterdir()) and not config.overwrite:
-        others = [p.name for p in out.iterdir()][:5]
-        raise TLCMError(f"--out {out} is not empty and holds no tlcm dataset ({others})",
-                        "pick a new or empty folder")
-    noop = False
+    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    if existing is not None and existing.get("source", "synthesize") != "synthesize" and not config.overwrite:
+        raise TLCMError(f"--out {out} holds a data set made by `tlcm encode-images`",
+                        "pick another --out, or pass --overwrite to replace it")
+    prompts = load_prompts(config.prompts, column=config.prompt_column, negative_column=config.negative_column,
+                           negative_prompt=config.negative_prompt, dedupe=config.dedupe)
+    gen = _resolve(config, prompts, _compute_dtype(config, device),
+                   existing if existing is not None and not config.overwrite else None)
+    if existing is None and out.exists() and not config.overwrite:
+        others = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
+        if others:
+            raise TLCMError(f"--out {out} is not empty and holds no tlcm dataset ({others[:5]})",
+                            "pick a new or empty folder")
     if existing is not None and not config.overwrite:
-        old = existing.get("generation", {})
-        default_w = old.get("guidance_scale") if gen["guidance_scale"] is None else gen["guidance_scale"]
-        changes = _diff(old, {**gen, "guidance_scale": default_w})
+        changes = _diff(existing.get("generation", {}), gen)
         if changes:
             raise TLCMError(f"{out} was generated with a different configuration: " + "; ".join(changes),
-                            "re-run with the original settings to resume, pass --overwrite to discard it, "
-                            "or choose another --out")
-        noop = bool(existing.get("complete")) and existing.get("teacher", {}).get("id") == config.teacher
-    return out, prompts, gen, existing, noop
+                            "re-run with the original settings (or `tlcm synthesize --repair --out DIR`, which "
+                            "reads them from the manifest) to resume, pass --overwrite to discard it, or choose "
+                            "another --out")
+    return out, prompts, gen, existing
 
 
 def plan(config: SynthesizeConfig) -> dict:
     """What ``synthesize(config)`` would do, without loading the teacher or writing anything (``--dry-run``)."""
-    out, prompts, gen, existing, noop = _prepare(config)
+    from tlcm.models import resolve_device
+
+    out, prompts, gen, existing = _prepare(config, resolve_device(config.device))
     n, per = gen["num_records"], config.records_per_shard
     shards = math.ceil(n / per)
-    done = 0 if existing is None or config.overwrite else sum(completed_shard(out, k) is not None
-                                                                 for k in range(shards))
-    action = ("nothing to do: complete" if noop else "overwrite" if existing is not None and config.overwrite
+    ident = (existing or {}).get("identity_sha256")
+    done = 0 if existing is None or config.overwrite else sum(
+        completed_shard(out, k, identity=ident, expect=expected_records(existing, k)) is not None
+        for k in range(shards))
+    action = ("complete: every shard's checksum is verified, damaged ones are regenerated"
+              if existing is not None and existing.get("complete") and not config.overwrite
+              else "overwrite" if existing is not None and config.overwrite
               else f"resume: {done} of {shards} shards done" if existing is not None else "new dataset")
-    return {"out": str(out), "action": action, "teacher": config.teacher, "prompts": prompts.source,
-            "prompts_kept": len(prompts), "duplicates_removed": prompts.duplicates_removed,
-            "empty_removed": prompts.empty_removed, "records": n, "shards": shards, "shards_done": done,
-            "seeds": f"{gen['seed']}..{gen['seed'] + n - 1}",
-            "generation": {**gen, "guidance_scale": gen["guidance_scale"] if gen["guidance_scale"] is not None
-                           else "default (7.5; SDXL 6.0)"}}
+    result = {"out": str(out), "action": action, "teacher": config.teacher, "prompts": prompts.source,
+              "prompts_kept": len(prompts), "duplicates_removed": prompts.duplicates_removed,
+              "empty_removed": prompts.empty_removed, "records": n, "shards": shards, "shards_done": done,
+              "seeds": f"{gen['seed']}..{gen['seed'] + n - 1}",
+              "generation": {**gen, "guidance_scale": gen["guidance_scale"] if gen["guidance_scale"] is not None
+                             else "default (7.5; SDXL 6.0)"}}
+    holder = lock_holder(out)
+    if holder:
+        result["locked_by"] = holder
+    return result
+
+
+def _damaged_shards(out: Path, manifest: dict) -> list[tuple[dict, str]]:
+    """Every shard of a complete data set whose files are missing or differ from the manifest's checksums."""
+    bad = []
+    for entry in manifest.get("shards", []):
+        why = check_entry(out, entry)
+        if why:
+            bad.append((entry, why))
+    if len(manifest.get("shards", [])) != manifest.get("num_shards"):
+        bad.append(({"name": "manifest"}, "the manifest lists the wrong number of shards"))
+    return bad
 
 
 def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
-    """Generate (or finish generating) the dataset described by ``config``; return its folder.
+    """Generate (or finish, or repair) the dataset described by ``config``; return its folder.
 
-    ``pipe`` may pass an already loaded teacher (its identity is still checked against ``config.teacher``'s
-    fingerprint when the dataset exists). Works single-process and under ``accelerate launch``: each process
-    generates the shards ``k`` with ``k mod world_size == rank``.
+    A complete data set is verified shard by shard against its manifest's checksums; damaged or missing shards are
+    regenerated (byte-identically on the same hardware), the rest is left alone and the teacher is not even loaded
+    when nothing is damaged. ``pipe`` may pass an already loaded teacher (its fingerprint is still checked against
+    an existing data set's). The folder is locked for the run (:mod:`tlcm.runlock`). Works single-process and under
+    ``accelerate launch``: each process generates the shards ``k`` with ``k mod world_size == rank``.
     """
     state = _dist(config.device)
-    out, prompts, gen, existing, noop = _prepare(config)
-    if noop:
-        if state.is_main_process:
-            print(f"{out}: complete ({existing['num_records']} records), nothing to do")
-        return out
+    lock = acquire_on_main(Path(config.out).expanduser(), state, what="data set", flag="--out")
+    try:
+        return _synthesize(config, state, pipe)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    from tlcm.models import is_sdxl, resolve_device
+
+def _synthesize(config: SynthesizeConfig, state, pipe) -> Path:
+    from tlcm.models import is_sdxl, prompt_token_overflow, resolve_device
 
     device = state.device if state.num_processes > 1 else resolve_device(config.device)
+    out, prompts, gen, existing = _prepare(config, device)
+    if config.overwrite:
+        existing = None
+
+    # 1. A complete data set: verify every shard; damaged ones make it unfinished again, to be regenerated below.
+    if existing is not None and existing.get("complete"):
+        if state.is_main_process:
+            damaged = _damaged_shards(out, existing)
+            for entry, why in damaged:
+                print(f"{out}: {why}; regenerating it", flush=True)
+                for suffix in (".safetensors", ".json"):
+                    (out / f"{entry['name']}{suffix}").unlink(missing_ok=True)
+            if damaged:
+                write_manifest(out, {**existing, "complete": False, "shards": []})
+        state.wait_for_everyone()
+        existing = read_manifest(out)
+        if existing.get("complete"):
+            if (existing.get("teacher") or {}).get("id") == config.teacher:
+                if state.is_main_process:
+                    print(f"{out}: complete ({existing['num_records']} records, every shard's checksum verified), "
+                          "nothing to do")
+                return out
+
+    # 2. The teacher: the rest of the identity (fingerprint, guidance default, latent shape), compared on resume.
     pipe, dtype = _load_teacher(config, device, pipe)
     pipe.scheduler = make_scheduler(pipe, config.solver)
+    check_solver_steps(pipe, config.steps)
     sdxl = is_sdxl(pipe)
     if gen["guidance_scale"] is None:
         gen["guidance_scale"] = 6.0 if sdxl else 7.5
     latent_shape, size = _latent_spec(pipe)
-    teacher = {"id": config.teacher, "fingerprint": teacher_fingerprint(pipe), "pipeline": type(pipe).__name__,
+    teacher = {"id": config.teacher, "fingerprint": teacher_fingerprint(pipe),
+               "fingerprint_dtype": str(dtype).removeprefix("torch."), "pipeline": type(pipe).__name__,
                "sdxl": sdxl, "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon")}
-    if existing is not None and not config.overwrite:
-        old_fp = existing.get("teacher", {}).get("fingerprint")
-        if old_fp != teacher["fingerprint"]:
-            raise TLCMError(
-                f"{out} was generated by teacher {existing.get('teacher', {}).get('id')!r} (fingerprint {old_fp}), "
-                f"but --teacher {config.teacher!r} has fingerprint {teacher['fingerprint']}",
-                "pass the original teacher to resume, --overwrite to discard the dataset, or another --out")
-    gen["dtype"] = str(dtype).removeprefix("torch.")
+    if existing is not None and not fingerprint_matches(pipe, existing.get("teacher")):
+        old = existing.get("teacher") or {}
+        raise TLCMError(
+            f"{out} was generated by teacher {old.get('id')!r} (fingerprint {old.get('fingerprint')}), "
+            f"but --teacher {config.teacher!r} has fingerprint {teacher['fingerprint']}",
+            "pass the original teacher to resume, --overwrite to discard the dataset, or another --out")
     gen["height"], gen["width"] = size
-    if existing is not None and not config.overwrite and existing["generation"].get("dtype") != gen["dtype"]:
-        raise TLCMError(f"{out} was generated in {existing['generation'].get('dtype')}, this run computes in "
-                        f"{gen['dtype']}", f"pass --dtype {existing['generation'].get('dtype')} to resume it")
+    identity = _identity(gen, teacher, latent_shape)
+    ident = identity_sha256(identity)
+    if existing is not None and existing.get("identity_sha256") not in (None, ident):
+        changes = _identity_diff(existing.get("identity") or {}, identity)
+        raise TLCMError(f"{out} was generated with a different configuration: " + "; ".join(changes),
+                        "re-run with the original settings to resume, --overwrite to discard it, or another --out")
+    if existing is not None and existing.get("complete"):  # the same teacher under another name: nothing to do
+        if state.is_main_process:
+            print(f"{out}: complete ({existing['num_records']} records, every shard's checksum verified), "
+                  "nothing to do")
+        return out
+    if existing is not None and existing.get("identity_sha256") is None:
+        ident = None  # a data set started by an older tlcm: its shards carry no identity
 
-    # 1. Lock the configuration: the main process clears (--overwrite) and writes the incomplete manifest.
-    state.wait_for_everyone()
+    # 3. Lock the configuration: the main process clears (--overwrite) and writes the incomplete manifest.
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if config.overwrite and out.exists():
+        if config.overwrite:
             _clear(out)
         for stale in out.glob(".shard-*.tmp"):  # left by a killed run (before its os.replace)
             stale.unlink()
-        if existing is None or config.overwrite:
+        if existing is None:
             manifest = new_manifest(
                 num_records=gen["num_records"], records_per_shard=config.records_per_shard, latent_shape=latent_shape,
                 meta={"teacher": teacher, "generation": gen, "scaling_factor": pipe.vae.config.scaling_factor,
+                      "shift_factor": getattr(pipe.vae.config, "shift_factor", None),
                       "source": "synthesize", "prompt_source": prompts.source, "prompt_column": prompts.column,
+                      "synthesize_config": _manifest_settings(config, gen), "identity": identity,
+                      "identity_sha256": ident,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tlcm_version": _version()})
             write_manifest(out, manifest)
+        limit, long = prompt_token_overflow(pipe, prompts.prompts)
+        if long:
+            print(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's limit of "
+                  f"{limit} tokens and are truncated to it (first: prompt #{long[0]}, "
+                  f"{prompts.prompts[long[0]][:60]!r}...)", file=sys.stderr, flush=True)
     state.wait_for_everyone()
     manifest = read_manifest(out)
 
-    # 2. Generate this process's missing shards.
+    # 4. This process's shards that are missing, damaged or not ours (another configuration's files are replaced).
     n, per = gen["num_records"], config.records_per_shard
     mine = [k for k in range(math.ceil(n / per)) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if completed_shard(out, k) is None]
+    todo = []
+    for k in mine:
+        entry, why = shard_status(out, k, identity=ident, expect=expected_records(manifest, k), verify=True)
+        if entry is None:
+            todo.append(k)
+            if why != "missing":
+                print(f"{out}: {shard_name(k)} {why}; regenerating it", flush=True)
     negatives_given = gen["has_negative_prompts"]
     todo_records = sum(min(n, (k + 1) * per) - k * per for k in todo)
     text = TextEncoder(pipe)
@@ -459,11 +654,11 @@ def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
                    for i in range(lo, hi)]
         if config.save_images:
             _save_images(pipe, out, tensors["latents"], lo, config.save_images)
-        write_shard(out, k, lo, tensors, records)
+        write_shard(out, k, lo, tensors, records, identity=ident)
     bar.close()
     elapsed = time.perf_counter() - t0
 
-    # 3. The main process writes the complete manifest once every process is done.
+    # 5. The main process writes the complete manifest once every process is done.
     if todo_records:
         print(f"{out}: process {state.process_index}/{state.num_processes} generated {todo_records} records "
               f"(shards {todo[0]}..{todo[-1]} step {state.num_processes}) in {elapsed:.1f}s "
@@ -574,39 +769,58 @@ def regenerate(path: str | Path, indices: list[int], *, pipe=None, batch_size: i
 
 def inspect_shard(path: str | Path, *, grid: str | Path | None = None, teacher: str | None = None,
                   max_images: int = 16, device: str | None = None) -> dict:
-    """Summarise a shard (a ``shard-*.safetensors``/``.json`` file or a dataset folder: its first shard), verify its
-    checksum, and write a grid PNG of its first ``max_images`` records decoded by the teacher's VAE."""
+    """Verify every shard of a data set (its checksums; an unfinished one against each shard's own JSON), summarise
+    one shard (a ``shard-*.safetensors``/``.json`` file, or a dataset folder: its first shard) and write a grid PNG
+    of its first ``max_images`` records decoded by the teacher's VAE. Raises :class:`TLCMError` after printing when
+    any shard is damaged."""
+    from tlcm.data.shards import repair_hint, verify_dataset
+
     path = Path(path).expanduser()
     if not path.exists():
         raise TLCMError(f"{path} does not exist", "pass a shard file (shard-00000.safetensors) or a dataset folder")
     root = path if path.is_dir() else path.parent
     manifest = read_manifest(root)
+    problems = [p for p in verify_dataset(root) if not p.endswith("(generation interrupted or still running)")]
     name = shard_name(0) if path.is_dir() else path.name.split(".")[0]
     entry = next((e for e in manifest["shards"] if e["name"] == name), None)
     if entry is None:
-        done = completed_shard(root, int(name.split("-")[-1])) if name.startswith("shard-") else None
-        if done is None:
+        index = int(name.split("-")[-1]) if name.startswith("shard-") and name.split("-")[-1].isdigit() else None
+        done = None
+        if index is not None and index < manifest.get("num_shards", 0):
+            done = completed_shard(root, index, identity=manifest.get("identity_sha256"),
+                                   expect=expected_records(manifest, index), verify=True)
+        if done is None and not problems:
             raise TLCMError(f"{root / name} is not a finished shard of {root}",
                             "pass one of the shard-*.safetensors files listed in manifest.json")
-        entry = done  # dataset still being generated: check against the shard's own JSON
-    tensors, meta = load_shard(root, entry, verify=True)
-    lat = tensors["latents"].float()
-    summary = {
-        "dataset": str(root), "shard": name, "records": meta["count"], "first_record": meta["first_record"],
-        "dataset_records": manifest["num_records"], "complete": manifest.get("complete"),
-        "teacher": (manifest.get("teacher") or {}).get("id"), "generation": manifest.get("generation"),
-        "tensors": meta["tensors"], "latent_mean": lat.mean().item(), "latent_std": lat.std().item(),
-        "checksum": "ok", "prompts": [r["prompt"] for r in meta["records"][:5]],
-    }
+        entry = done  # dataset still being generated: checked against the shard's own JSON
     status = "complete" if manifest.get("complete") else "INCOMPLETE"
-    lines = [f"shard {root / name}.safetensors: {meta['count']} records from #{meta['first_record']} "
-             f"(dataset: {manifest['num_records']} records, {status})",
-             f"  teacher: {summary['teacher']}", f"  generation: {json.dumps(manifest.get('generation'))}",
-             "  tensors: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in meta["tensors"].items()),
-             f"  latents: mean {summary['latent_mean']:.4f}, std {summary['latent_std']:.4f}; sha256 ok",
-             "  prompts: " + " | ".join(summary["prompts"])]
+    checked = manifest.get("num_shards", 0) if manifest.get("complete") else len(list(root.glob("shard-*.json")))
+    verdict = (f"all {checked} shards' sha256 ok" if not problems
+               else f"{len(problems)} problem(s) in {checked} shards:\n    " + "\n    ".join(problems))
+    summary = {"dataset": str(root), "shard": name, "dataset_records": manifest["num_records"],
+               "complete": manifest.get("complete"), "teacher": (manifest.get("teacher") or {}).get("id"),
+               "generation": manifest.get("generation"), "checksum": "ok" if not problems else "damaged",
+               "problems": problems}
+    lines = []
+    damaged_here = entry is None or any(f"{name}." in p or p.startswith(f"{root / name}:") for p in problems)
+    if not damaged_here:
+        tensors, meta = load_shard(root, entry, verify=True)
+        lat = tensors["latents"].float()
+        summary.update({"records": meta["count"], "first_record": meta["first_record"], "tensors": meta["tensors"],
+                        "latent_mean": lat.mean().item(), "latent_std": lat.std().item(),
+                        "prompts": [r["prompt"] for r in meta["records"][:5]]})
+        lines += [f"shard {root / name}.safetensors: {meta['count']} records from #{meta['first_record']} "
+                  f"(dataset: {manifest['num_records']} records, {status})",
+                  f"  teacher: {summary['teacher']}", f"  generation: {json.dumps(manifest.get('generation'))}",
+                  "  tensors: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in meta["tensors"].items()),
+                  f"  latents: mean {summary['latent_mean']:.4f}, std {summary['latent_std']:.4f}",
+                  "  prompts: " + " | ".join(summary["prompts"])]
+    else:
+        lines.append(f"shard {root / name}.safetensors: damaged (dataset: {manifest['num_records']} records, "
+                     f"{status})")
+    lines.append(f"  checksums: {verdict}")
     teacher_id = teacher or summary["teacher"]
-    if max_images > 0 and teacher_id:
+    if max_images > 0 and teacher_id and not damaged_here:
         from tlcm.models import load_pipeline
 
         pipe = load_pipeline(teacher_id, device=device, dtype=torch.float32)
@@ -617,6 +831,8 @@ def inspect_shard(path: str | Path, *, grid: str | Path | None = None, teacher: 
         summary["grid"] = str(grid)
         lines.append(f"  grid of {len(images)} decoded samples: {grid}")
     print("\n".join(lines))
+    if problems:
+        raise TLCMError(f"{root}: {len(problems)} damaged shard(s), e.g. {problems[0]}", repair_hint(root))
     return summary
 
 

@@ -16,9 +16,10 @@ phase ``i > 1`` starts from phase ``i - 1``'s output (``init_lora``). Config lay
 preset -> its ``set:`` -> ``--config`` -> flags -> ``--set KEY=V`` (every phase) -> ``--set NAME.KEY=V`` (that phase).
 
 Re-running the command resumes where it stopped: a finished phase is skipped, an interrupted one resumes from its
-latest checkpoint, the rest start. The config each phase was asked for is recorded in ``OUT/chain.json``; a phase that
-has started (checkpoints or output) must be asked for the same config again, or the chain stops with the keys that
-differ (a changed earlier phase would silently invalidate every later one).
+latest checkpoint (one killed before its first checkpoint starts again), the rest start. The config each phase was
+asked for is recorded in ``OUT/chain.json``; a phase that has started (checkpoints or output) must be asked for the
+same config again, or the chain stops with the keys that differ (a changed earlier phase would silently invalidate
+every later one).
 """
 
 from __future__ import annotations
@@ -231,7 +232,9 @@ def run_chain(name: str, config_file: str | None = None, flags: dict[str, Any] |
         if main:
             print(f"chain {name}: phase {phase.name} ({phase.preset}, {cfg.max_steps} steps)"
                   + (", resuming" if resume else ""))
-        distill(cfg, resume=resume, progress=progress, log_with=log_with)
+        # without a checkpoint there is nothing to continue: a phase killed before its first checkpoint starts anew
+        # (overwrite: the folder is this chain's own, and check_chain compared a started phase's config)
+        distill(cfg, resume=resume, overwrite=resume is None, progress=progress, log_with=log_with)
     return Path(plan[-1][1].output_dir)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -72,7 +73,10 @@ class DistillConfig:
     timestep_scaling: float = 10.0
     sigma_data: float = 0.5
     num_segments: int = 4  # mlcd / tlcm
-    uncond: str = "prompt"  # prompt (the encoded negative prompt, "" by default) | zeros (diffusers' LCM scripts)
+    # auto: diffusers' rule, as the synthesizer applies it (SDXL with force_zeros_for_empty_prompt: zeros for an empty
+    # negative prompt; otherwise the encoded negative prompt, "" by default) | prompt (always the encoded negative
+    # prompt) | zeros (diffusers' LCM scripts)
+    uncond: str = "auto"
 
     # CFG-preserving students (tlcm.train.conditioning): small teacher guidance (w_min/w_max) plus prompt dropout, so
     # the unconditional branch is distilled too and CFG with a negative prompt works at sampling_guidance_scale > 1
@@ -143,6 +147,7 @@ class DistillConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])
     validation_num_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     resolution: int = 0  # 0: the shards' size, else the teacher's own (train/resolution.py; SDXL time ids, validation)
+    allow_teacher_mismatch: bool = False  # train on shards of another teacher / latent size / VAE scaling (warned)
 
     # what the output folder recommends to samplers
     sampling_guidance_scale: float = 1.0  # diffusers' guidance_scale (Imagen form); <= 1 means no CFG at inference
@@ -168,6 +173,17 @@ class DistillConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+# String settings that take one of a few values.
+CHOICES = {
+    "recipe": RECIPES, "student": ("lora", "full"), "mixed_precision": ("no", "bf16", "fp16"),
+    "loss_type": ("huber", "l2", "lpips"), "boundary_condition": ("lcm", "none"), "stage2_source": ("student", "data"),
+    "stage2_times": ("grid", "edges"), "timestep_grid": ("lcm", "linspace"), "uncond": ("auto", "prompt", "zeros"),
+    "state_source": STATE_SOURCES, "gan_loss": ("ns", "hinge"), "gan_backbone": ("teacher", "fake"),
+    "gan_features": ("down+mid", "mid"), "gan_real": ("student", "data"), "reward_kind": ("plain", "hinge"),
+}
+# YAML 1.1 reads these words as booleans; where a string choice is meant, map the boolean back to the choice.
+_YAML_FALSE, _YAML_TRUE = ("no", "off", "false"), ("yes", "on", "true")
 
 
 def preset_names() -> list[str]:
@@ -207,8 +223,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         if value is None:
             return ""
-        if isinstance(value, bool):  # YAML 1.1 reads no/yes/on/off as booleans
-            raise TLCMError(f"config key {key!r} expects a string, got {value!r}",
+        if isinstance(value, bool):  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision: no` is False
+            words = [w for w in (_YAML_TRUE if value else _YAML_FALSE) if w in CHOICES.get(key, ())]
+            if words:
+                return words[0]
+            raise TLCMError(f"config key {key!r} expects a string, but YAML read {value!r} as a boolean",
                             f"quote the value in YAML, e.g. {key}: 'no'")
         if not isinstance(value, (str, int, float)):
             raise bad("a string")
@@ -263,10 +282,10 @@ def apply_overrides(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
         key, raw = item.split("=", 1)
         key = key.strip()
         value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(value, bool) and key in _FIELDS and isinstance(_default(key), str):
-            value = raw.strip()  # --set mixed_precision=no means the string, not YAML's boolean
         if isinstance(value, str) and raw.strip() and _is_number(raw.strip()):
             value = float(raw)  # YAML reads "1e-5" as a string
+        if key in _FIELDS and isinstance(_default(key), str) and isinstance(value, (bool, int, float)):
+            value = raw.strip()  # a string setting: `--set mixed_precision=no` means "no", not YAML's False
         if "." in key and key.split(".", 1)[0] in _FIELDS and isinstance(_default(key.split(".", 1)[0]), dict):
             head, sub = key.split(".", 1)
             current = dict(getattr(cfg, head))
@@ -329,21 +348,26 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
     ``check_init=False`` skips the checks on ``init_lora`` (a chain validates later phases before the earlier ones
     have written the adapter they start from).
     """
-    _choice(cfg, "recipe", RECIPES)
-    _choice(cfg, "student", ("lora", "full"))
-    _choice(cfg, "mixed_precision", ("no", "bf16", "fp16"))
-    _choice(cfg, "loss_type", ("huber", "l2", "lpips"))
-    _choice(cfg, "boundary_condition", ("lcm", "none"))
-    _choice(cfg, "stage2_source", ("student", "data"))
-    _choice(cfg, "stage2_times", ("grid", "edges"))
-    _choice(cfg, "timestep_grid", ("lcm", "linspace"))
-    _choice(cfg, "uncond", ("prompt", "zeros"))
-    _choice(cfg, "state_source", STATE_SOURCES)
-    _choice(cfg, "gan_loss", ("ns", "hinge"))
-    _choice(cfg, "gan_backbone", ("teacher", "fake"))
-    _choice(cfg, "gan_features", ("down+mid", "mid"))
-    _choice(cfg, "gan_real", ("student", "data"))
-    _choice(cfg, "reward_kind", ("plain", "hinge"))
+    for key, options in CHOICES.items():
+        _choice(cfg, key, options)
+    for key in _FIELDS:  # nan passes every comparison below, so finiteness is checked first
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TLCMError(f"{key}={value} is not a finite number", f"set {key} to a finite value")
+        if isinstance(value, dict):
+            bad = [k for k, v in value.items() if not math.isfinite(float(v))]
+            if bad:
+                raise TLCMError(f"{key}: weight of {bad[0]!r} is not finite", f"give {key} finite weights")
+    for key in ("sigma_data", "timestep_scaling", "huber_c", "adam_epsilon"):
+        if getattr(cfg, key) <= 0:
+            raise TLCMError(f"{key}={getattr(cfg, key)} must be positive",
+                            f"set {key} > 0 (default {_default(key)})")
+    if cfg.max_grad_norm < 0:
+        raise TLCMError(f"max_grad_norm={cfg.max_grad_norm} is negative", "use 0 (no clipping) or a positive norm")
+    if cfg.device != "auto":
+        from tlcm.models import resolve_device
+
+        resolve_device(cfg.device)  # unknown or unavailable: a clear error here, not a silent CPU run
     if not cfg.teacher:
         raise TLCMError("no teacher given", "pass --teacher MODEL (a hub id, a diffusers folder, or 'toy')")
     if need_output and not cfg.output_dir:

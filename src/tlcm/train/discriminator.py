@@ -55,14 +55,13 @@ class DiscriminatorHeads(nn.Module):
 
 
 def build_heads(unet, which: str, seed: int) -> DiscriminatorHeads:
-    """Heads for ``unet``'s feature blocks, initialised from ``seed`` (independent of the global RNG)."""
+    """Heads for ``unet``'s feature blocks, initialised from ``(seed, "discriminator-heads")`` (independent of the
+    global RNG, :func:`tlcm.train.seeding.seeded_rng`)."""
+    from tlcm.train.seeding import seeded_rng
+
     blocks = feature_blocks(unet, which)
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    with seeded_rng(seed, "discriminator-heads"):
         heads = DiscriminatorHeads(feature_channels(unet, blocks))
-    finally:
-        torch.random.set_rng_state(state)
     heads.blocks = blocks
     return heads
 

@@ -35,9 +35,12 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def _atomic_dir(final: Path, write) -> None:
     """``write(tmp_dir)`` then swap it in for ``final``."""
+    from tlcm.data.shards import apply_umask
+
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         write(tmp)
+        apply_umask(tmp)  # mkdtemp's 0700 and safetensors' 0600 -> what the user's umask gives
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -62,6 +65,8 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
 
     layers = lora_state_dict(unet)
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    if isinstance(metadata.get("target_modules"), (list, set, tuple)):  # a set inside peft: its order varies per run
+        metadata["target_modules"] = sorted(metadata["target_modules"])
     if is_sdxl(pipe):
         from diffusers import StableDiffusionXLPipeline as Pipe
     else:
@@ -71,6 +76,9 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
     try:
         Pipe.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True,
                                unet_lora_adapter_metadata=metadata)
+        from tlcm.data.shards import apply_umask
+
+        apply_umask(tmp / LORA_FILE)  # safetensors writes 0600
         os.replace(tmp / LORA_FILE, out_dir / LORA_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ step (:func:`tlcm.train.recipes.recipe_phases`; the losses in :mod:`tlcm.train.p
    launch (:mod:`tlcm.train.distributed`; single-part runs only) and build the parts (:func:`build_parts`);
 3. open the data (shards from ``tlcm synthesize``: latents + prompts, embeddings / trajectory points when stored);
 4. resume from the latest checkpoint (every part's weights, optimiser, schedule, EMA; extra-loss state; data order
-   by replay; RNG);
+   by replay; RNG), after the run's identity was compared with the checkpoint's (:mod:`tlcm.train.identity`);
 5. train: each step takes ``gradient_accumulation_steps`` micro-batches and runs each due phase on them
    (:func:`run_phase`: only that part trainable, forward + backward per micro-batch, sync, clip, step, zero every
    optimiser); log; checkpoint; validate;
@@ -20,6 +20,8 @@ step (:func:`tlcm.train.recipes.recipe_phases`; the losses in :mod:`tlcm.train.p
 
 Randomness in a step comes from generators seeded by ``(seed, step, stream, micro-batch, rank)``
 (:func:`tlcm.train.phases.step_generator`), so a resumed run draws exactly what the uninterrupted one did.
+The run's protection (lock, identity, resume policy, checkpoint checks) lives in :mod:`tlcm.train.identity`; the loop
+calls it at the places marked ``[identity]``.
 Gradient accumulation is done here, per phase (``no_sync`` on all micro-batches but the last, for a prepared
 student), with accelerate's own counter left at 1: its single counter cannot serve several optimisers.
 """
@@ -27,7 +29,6 @@ student), with accelerate's own counter left at 1: its single counter cannot ser
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ import torch
 
 from tlcm.errors import TLCMError
 from tlcm.losses import NoiseSchedule, guidance_scale_embedding, multistep_sample
+from tlcm.models import zeros_for_empty_negatives
 from tlcm.train import distributed
 from tlcm.train.config import DistillConfig, validate_config
 from tlcm.train.parts import (
@@ -54,7 +56,14 @@ from tlcm.train.parts import (
     register_checkpoint_hooks,
 )
 from tlcm.train.phases import MicroBatch, StepLosses, unet_fn
-from tlcm.train.recipes import PhaseSpec, edges_of, recipe_parts, recipe_phases, sampling_plan
+from tlcm.train.recipes import (
+    PhaseSpec,
+    edges_of,
+    recipe_learning_rates,
+    recipe_parts,
+    recipe_phases,
+    sampling_plan,
+)
 from tlcm.train.resolution import training_image_size
 from tlcm.train.student import ADAPTER_NAME, EMA, FAKE_ADAPTER, Networks, build_networks, lora_state_dict
 
@@ -164,8 +173,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """``save_state`` into a temporary folder, then an atomic rename; keep the last ``keep`` checkpoints."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, run=None) -> Path:
+    """``save_state`` into a temporary folder, then an atomic rename; keep the last ``keep`` checkpoints.
+    ``training_state.json`` records the step, the run's identity and every file's size and checksum (every part's
+    files included), so a damaged checkpoint is named on resume."""
     root = output_dir / "checkpoints"
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -176,7 +187,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps({"global_step": step}))
+        from tlcm.train.identity import write_training_state
+
+        write_training_state(tmp, step, run)  # [identity]
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in list_checkpoints(output_dir)[:-keep]:
@@ -275,14 +288,18 @@ def build_parts(cfg: DistillConfig, networks: Networks, accelerator,
     return parts, module
 
 
-def _check_finite(loss: torch.Tensor, accelerator, output_dir: Path, step: int, phase: str) -> None:
+def _check_finite(loss: torch.Tensor, accelerator, cfg: DistillConfig, step: int, phase: str) -> None:
     bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
     if float(accelerator.reduce(bad, reduction="sum")) > 0:
-        good = latest_checkpoint(output_dir)
+        good = latest_checkpoint(cfg.output_dir)
+        key = {"fake": "fake_learning_rate", "discriminator": "disc_learning_rate"}.get(phase, "learning_rate")
+        lr = (recipe_learning_rates(cfg).get(phase) or cfg.learning_rate) / 10
         raise TLCMError(
             f"the {phase} loss became {float(loss.detach())} at step {step + 1}; stopped",
-            f"last good checkpoint: {good or 'none saved yet'}; resume from it with --resume latest "
-            "and a lower learning_rate (or mixed_precision=no)")
+            f"last good checkpoint: {good or 'none saved yet'}; "
+            + (f"resume from it at a lower learning rate: --resume latest --set {key}={lr:g} (applied on resume)"
+               if good else f"start again with a lower learning rate (--overwrite --set {key}={lr:g})")
+            + (" or mixed_precision=no" if cfg.mixed_precision != "no" else ""))
 
 
 def run_phase(phase: PhaseSpec, parts: dict[str, Part], micro_batches: list[MicroBatch], losses: StepLosses,
@@ -299,7 +316,7 @@ def run_phase(phase: PhaseSpec, parts: dict[str, Part], micro_batches: list[Micr
         with accelerator.no_sync(part.module) if accumulating else contextlib.nullcontext():
             with accelerator.autocast():
                 loss, terms = compute(mb)
-            _check_finite(loss, accelerator, output_dir, mb.step, phase.name)
+            _check_finite(loss, accelerator, cfg, mb.step, phase.name)
             accelerator.backward(loss / n if n > 1 else loss)
         logs.append(terms)
     for other in parts.values():  # gradient isolation: what did not step received nothing
@@ -398,11 +415,27 @@ def distill(
     resume: str | None = None,
     log_with: str | None = "tensorboard",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Run a distillation and write its output folder; return that folder. See the module docstring."""
-    from tqdm.auto import tqdm
+    """Run a distillation and write its output folder; return that folder. See the module docstring.
+
+    ``resume`` (``"latest"`` or a checkpoint folder) continues a run, ``overwrite`` discards the run the folder
+    holds; without either, a folder holding a run is refused. The folder is locked while the run writes it, and the
+    run's identity is checked against the checkpoint's on resume (:mod:`tlcm.train.identity`)."""
+    from tlcm.train.identity import open_run
 
     validate_config(cfg, need_data=dataset_fn is None)
+    run = open_run(cfg, resume=resume, overwrite=overwrite, in_memory_data=dataset_fn is not None)
+    try:
+        return _distill(cfg, pipe, dataset_fn, run, log_with, progress)
+    finally:
+        run.close()
+
+
+def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_with: str | None,
+             progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
     output_dir = Path(cfg.output_dir)
     t_begin = time.time()
 
@@ -417,6 +450,7 @@ def distill(
     pipe.set_progress_bar_config(disable=True)
     height, width = training_image_size(cfg, pipe)  # config, shards and teacher agree, or TLCMError naming both
     cfg.resolution = height if height == width else cfg.resolution  # config.yaml records the size trained at
+    run.check_teacher_and_data(pipe, accelerator.num_processes)  # [identity] fingerprint, scaling, batch vs data
     schedule = NoiseSchedule.from_config(pipe.scheduler.config)
     if schedule.num_train_timesteps != 1000:
         raise TLCMError(f"the teacher has {schedule.num_train_timesteps} training timesteps; tlcm assumes 1000",
@@ -464,27 +498,23 @@ def distill(
     losses = StepLosses(cfg, networks, student_module, schedule, encoder, device, weight_dtype,
                         accelerator.process_index, train_state.extra_losses, vae=pipe.vae, reward=reward,
                         reward_margin=reward_margin, prompt_pool=sorted(set(cfg.validation_prompts)),
-                        distance_kind=_distance_kind(cfg, device))
+                        distance_kind=_distance_kind(cfg, device),
+                        zero_empty_negatives=zeros_for_empty_negatives(pipe, cfg.uncond, run.manifest))
 
     # 4. resume -----------------------------------------------------------------------------------------------------
     start_step = 0
-    if resume:
-        ckpt = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-        if ckpt is None or not ckpt.is_dir():
-            raise TLCMError(f"--resume {resume}: no checkpoint found under {output_dir / 'checkpoints'}",
-                            "drop --resume to start fresh, or pass a checkpoint-N folder")
-        accelerator.load_state(str(ckpt))
-        start_step = json.loads((ckpt / "training_state.json").read_text())["global_step"]
+    if run.resume_from is not None:
+        # [identity] checked, loaded, changed settings applied (each part's learning rate) and recorded
+        start_step = run.restore(accelerator, {n: (p.optimizer, p.lr_scheduler) for n, p in parts.items()},
+                                 recipe_learning_rates(cfg))
         for _ in range(start_step * cfg.gradient_accumulation_steps):  # replay the data order
             next(batches)
             if real_batches is not None:
                 next(real_batches)
-        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+        accelerator.print(f"resumed from {run.resume_from} at step {start_step}")
     for part in parts.values():  # every process starts from process 0's weights (parts DDP does not broadcast)
         part.broadcast()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(cfg.to_yaml())
+    run.start(start_step)  # [identity] run.json (identity, status, resume history) and config.yaml
     if log_with:
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
         accelerator.init_trackers("distill", config=hparams)
@@ -519,7 +549,7 @@ def distill(
                 accelerator.log(logs, step=global_step)
         if cfg.checkpointing_steps > 0 and global_step % cfg.checkpointing_steps == 0:
             check_in_sync(accelerator, {n: p for n, p in parts.items() if not p.prepared})
-            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit, run)
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
             validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
     bar.close()
@@ -548,6 +578,7 @@ def distill(
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
         export_output(cfg, pipe, export_student, export_networks, output_dir, summary, validation_grid=grid)
+        run.finish(global_step)  # [identity]
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir

@@ -106,8 +106,11 @@ class StepLosses:
 
     def __init__(self, cfg: DistillConfig, networks, student_module, schedule: NoiseSchedule, encoder, device,
                  weight_dtype, rank: int, extra_state: dict[str, dict], vae=None, reward=None,
-                 reward_margin: float | None = None, prompt_pool: Sequence[str] = (), distance_kind: Any = None):
+                 reward_margin: float | None = None, prompt_pool: Sequence[str] = (), distance_kind: Any = None,
+                 zero_empty_negatives: bool = False):
         self.cfg, self.networks, self.student_module = cfg, networks, student_module
+        # SDXL's force_zeros_for_empty_prompt, as the synthesizer applied it (tlcm.models.zeros_for_empty_negatives)
+        self.zero_empty_negatives = zero_empty_negatives
         self.schedule, self.encoder, self.device, self.weight_dtype, self.rank = (schedule, encoder, device,
                                                                                  weight_dtype, rank)
         self.extra_state = extra_state
@@ -131,18 +134,16 @@ class StepLosses:
         return mb.cache["cond"]
 
     def _encode(self, batch: dict):
-        from tlcm.models import Conditioning
+        from tlcm.models import zero_conditioning
 
         enc, device, dtype = self.encoder, self.device, self.weight_dtype
         if "prompt_embeds" in batch:
             cond = enc.from_embeds(batch["prompt_embeds"].to(device), batch.get("pooled_prompt_embeds"))
         else:
             cond = enc(batch["prompt"])
-        if self.cfg.uncond == "zeros":  # diffusers' LCM scripts: all-zero text states (and pooled embeds) as "uncond"
-            extra = None if cond.added_cond_kwargs is None else {
-                "text_embeds": torch.zeros_like(cond.added_cond_kwargs["text_embeds"]),
-                "time_ids": cond.added_cond_kwargs["time_ids"]}
-            uncond = Conditioning(torch.zeros_like(cond.encoder_hidden_states), extra)
+        if self.cfg.uncond == "zeros" or (self.zero_empty_negatives and not any(batch["negative_prompt"])):
+            # diffusers' LCM scripts ("zeros"), and SDXL's force_zeros_for_empty_prompt as the synthesizer applies it
+            uncond = zero_conditioning(cond)
         else:
             uncond = enc(batch["negative_prompt"])
         return cond.to(device, dtype), uncond.to(device, dtype)

@@ -129,6 +129,11 @@ def recipe_parts(cfg: DistillConfig) -> list[PartSpec]:
     return parts
 
 
+def recipe_learning_rates(cfg: DistillConfig) -> dict[str, float]:
+    """Each part's base learning rate (``fake_learning_rate`` 0 means the student's), by part name."""
+    return {spec.name: spec.learning_rate for spec in recipe_parts(cfg)}
+
+
 def recipe_phases(cfg: DistillConfig) -> list[PhaseSpec]:
     """The phases of one step, in order: the student (every ``student_update_every`` steps), then the fake score and
     the discriminator (every step): DMD2's order and two time-scale rule."""

@@ -24,6 +24,7 @@ import torch
 
 from tlcm.errors import TLCMError
 from tlcm.train.config import LORA_TARGETS_CONV, DistillConfig
+from tlcm.train.seeding import seeded_rng
 
 ADAPTER_NAME = "default"
 FAKE_ADAPTER = "fake"
@@ -252,7 +253,8 @@ def add_fake_adapter(unet, cfg: DistillConfig, student_lora_config=None) -> obje
     """The fake-score model: a LoRA adapter named ``fake`` on the teacher's UNet, on the student's target modules.
 
     Its B matrices start at zero (peft's ``gaussian`` init), so it starts as the teacher, as DMD2's fake UNet does;
-    its A matrices come from ``cfg.seed`` (not the global RNG), so equal configs build equal adapters.
+    its A matrices come from ``(cfg.seed, "fake-adapter")`` (:func:`tlcm.train.seeding.seeded_rng`), so equal configs
+    build equal adapters.
     """
     from peft import LoraConfig
 
@@ -260,9 +262,8 @@ def add_fake_adapter(unet, cfg: DistillConfig, student_lora_config=None) -> obje
     targets = (sorted(student_lora_config.target_modules) if student_lora_config is not None
                else resolve_target_modules(unet, cfg))
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian")
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with seeded_rng(cfg.seed, "fake-adapter"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter, on purpose
-        torch.manual_seed(cfg.seed + 7_919)
         unet.add_adapter(config, adapter_name=FAKE_ADAPTER)
     return config
 
@@ -272,11 +273,9 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
     and the discriminator heads when the config's techniques need them.
 
     Every random initialisation follows ``cfg.seed`` and leaves the global RNG untouched (equal configs, equal
-    bytes): the student's (LoRA A matrices, a new guidance embedding) from ``cfg.seed`` here, the fake adapter's and
-    the heads' from their own offsets of it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        nets = _build_student(unet, cfg, weight_dtype)
+    bytes): each part draws from :func:`tlcm.train.seeding.seeded_rng` with its own purpose (``lora-init``,
+    ``guidance-embedding``, ``fake-adapter``, ``discriminator-heads``)."""
+    nets = _build_student(unet, cfg, weight_dtype)
     if needs_fake_score(cfg):
         nets.fake_config = add_fake_adapter(nets.teacher_unet, cfg, nets.lora_config)
         if nets.is_lora:
@@ -288,7 +287,7 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
     if cfg.gan_weight > 0:
         from tlcm.train.discriminator import build_heads
 
-        nets.heads = build_heads(nets.teacher_unet, cfg.gan_features, seed=cfg.seed + 104_729)
+        nets.heads = build_heads(nets.teacher_unet, cfg.gan_features, seed=cfg.seed)
     if nets.fake_config is not None or nets.heads is not None:
         nets.set_trainable(nets.student_parameters())
     return nets
@@ -303,13 +302,15 @@ def _build_student(unet, cfg: DistillConfig, weight_dtype: torch.dtype) -> Netwo
             raise TLCMError("guidance_embedding needs a UNet with time_cond_proj_dim, and a LoRA cannot add one",
                             "use student=full for LCM with a guidance embedding, or guidance_embedding=false")
         if cfg.init_lora:
-            config = load_adapter_into(unet, Path(cfg.init_lora) / "adapter")
+            with seeded_rng(cfg.seed, "lora-init"):  # peft draws an init (then overwritten) from the global RNG
+                config = load_adapter_into(unet, Path(cfg.init_lora) / "adapter")
             # the resolved config records the adapter actually trained (the stage-1 one's shape)
             cfg.lora_rank, cfg.lora_alpha = int(config.r), float(config.lora_alpha)
             cfg.lora_target_modules, cfg.lora_conv = sorted(config.target_modules), False
         else:
             config = lora_config_from(cfg, unet)
-            unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+            with seeded_rng(cfg.seed, "lora-init"):  # peft's init draws from the global RNG
+                unet.add_adapter(config, adapter_name=ADAPTER_NAME)
         for name, p in unet.named_parameters():
             p.requires_grad_("lora_" in name)
         nets = Networks(unet, unet, None, True, config)
@@ -320,7 +321,8 @@ def _build_student(unet, cfg: DistillConfig, weight_dtype: torch.dtype) -> Netwo
     if wants_embed and not has_embed:
         from diffusers import UNet2DConditionModel
 
-        student = UNet2DConditionModel.from_config({**dict(unet.config), "time_cond_proj_dim": GUIDANCE_EMBED_DIM})
+        with seeded_rng(cfg.seed, "guidance-embedding"):  # the new cond_proj layer's init
+            student = UNet2DConditionModel.from_config({**dict(unet.config), "time_cond_proj_dim": GUIDANCE_EMBED_DIM})
         missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), missing
         student = student.to(torch.float32)
