@@ -121,6 +121,9 @@ def teacher_path(assets: str | os.PathLike | None = None, world: str | None = No
             scheduler_config=_read_json(src / "scheduler" / "scheduler_config.json"),
         )
         common.write_json(tmp / "pipeline" / MARKER, marker)
+        from tlcm.data.shards import apply_umask
+
+        apply_umask(tmp / "pipeline")  # mkdtemp/safetensors create 0700/0600; the cache follows the user's umask
         if out.exists() and not (out / MARKER).is_file():  # a folder cached by an older tlcm: replace it
             common.replace_dir(tmp / "pipeline", out)
         else:

@@ -142,6 +142,9 @@ def export_assets(work: Path, dest: Path, cfg: BuildConfig) -> Path:
         lines = get_world(cfg.world).prompts(cfg.prompt_file_lines, seed=cfg.seed + 7, split="train")
         common.write_json(teacher / "tlcm_toy.json", {"world": world_version(cfg.world)})
         (tmp / "prompts.txt").write_text("\n".join(lines) + "\n")
+        from tlcm.data.shards import apply_umask
+
+        apply_umask(tmp)  # shippable files get the user's modes, not mkdtemp's 0700 / safetensors' 0600
         common.replace_dir(tmp, dest)
     finally:
         if tmp.exists():
