@@ -107,12 +107,13 @@ def test_a_toy_finetune_folder_is_evaluated_as_a_toy_model_with_its_style(tmp_pa
     style = _random_lora(base, tmp_path / "style", 4)
     cfg = config_from_options(out=str(tmp_path / "eval"), model=str(base), lora=[f"both={accel}+{style}@0.8"],
                               student_schedulers="lcm", schedulers="ddim", steps="1,2", teacher_steps="2",
-                              num_prompts=3, no_reference=True, style="shadow",
+                              num_prompts=3, no_reference=True, style="shadow", baselines=False,
                               style_classifier=str(style_classifier), batch_size=3)
     assert cfg.protocol == "toy" and cfg.metrics.toy and cfg.metrics.toy_world == "v4"
     assert cfg.prompts == scenes.prompts(3, seed=10_000)  # the scenes world's captions, not the shapes world's
-    assert cfg.reference.data == "toy:v4" and cfg.metrics.style_vae == str(base / "vae")
-    # no v4 metrics classifier may be installed here: the toy metrics then step aside with a notice
+    # real data: the world's own records whose captions the prompts are (exact samples; unstyled, as the base world)
+    assert cfg.reference.data == "toy-records:train:10000" and cfg.metrics.style_vae == str(base / "vae")
+    # (without a v4 metrics classifier installed, the toy metrics step aside with a notice; the style score stays)
     results = run_sweep(cfg, log=lambda *_: None)
     rows = {(r["model"], r["steps"]): r for r in results["cells"]}
     assert set(rows) == {("teacher", 2), ("both", 1), ("both", 2)}
