@@ -231,6 +231,28 @@ def test_two_runs_with_equal_arguments_write_identical_loras(tmp_path, tiny_sd15
     assert run(tmp_path / "ccc", 1) != first  # and the seed does reach the weights
 
 
+def test_diffusers_lora_header_has_its_metadata_sorted(tmp_path):
+    """safetensors writes the metadata from a Rust HashMap, whose order varies between writes: the exported file's
+    header must list ``format`` before ``lora_adapter_metadata`` every time, or equal runs give unequal bytes."""
+    import struct
+
+    from tlcm.train.export import save_diffusers_lora
+    from tlcm.train.student import build_networks
+
+    pipe = tiny_sd15_pipeline(0)
+    build_networks(pipe.unet, _cfg("unused"))
+    for i in range(12):  # each write draws a fresh HashMap order (1 in 4096 that 12 come out sorted by chance)
+        out = tmp_path / str(i)
+        out.mkdir()
+        raw = save_diffusers_lora(pipe, pipe.unet, out).read_bytes()
+        (size,) = struct.unpack("<Q", raw[:8])
+        meta = json.loads(raw[8:8 + size])["__metadata__"]
+        assert sorted(meta) == ["format", "lora_adapter_metadata"]
+        header = raw[8:8 + size].decode()
+        assert header.index('"format"') < header.index('"lora_adapter_metadata"')
+        assert len(load_file(str(out / "pytorch_lora_weights.safetensors"))) > 0  # still a valid file
+
+
 def test_lora_init_depends_on_the_seed_only():
     from tlcm.train.student import build_networks
 

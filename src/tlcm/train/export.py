@@ -77,7 +77,10 @@ def save_diffusers_lora(pipe, unet, out_dir: Path) -> Path:
         Pipe.save_lora_weights(str(tmp), unet_lora_layers=layers, safe_serialization=True,
                                unet_lora_adapter_metadata=metadata)
         from tlcm.data.shards import apply_umask
+        from tlcm.export import sort_safetensors_metadata
 
+        # two metadata keys (format, lora_adapter_metadata) leave safetensors' HashMap in a varying order: sort them
+        sort_safetensors_metadata(tmp / LORA_FILE)
         apply_umask(tmp / LORA_FILE)  # safetensors writes 0600
         os.replace(tmp / LORA_FILE, out_dir / LORA_FILE)
     finally:
