@@ -26,7 +26,7 @@ from tlcm.toy.reward import (
 )
 
 TINY = dict(train_images=48, vae_images=16, eval_images=32, steps=3, batch_size=16, checkpoint_every=2, width=8,
-            embed_dim=16, text_hidden=32, threads=1)
+            embed_dim=16, text_hidden=32, threads=1, world="shapes")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_world_resolution_and_errors(tmp_path, monkeypatch):
     assert resolve_world("shapes") is shapes
     with pytest.raises(TLCMError, match="unknown toy world"):
         resolve_world("nosuchworld")
-    with pytest.raises(TLCMError, match="not a toy world"):
+    with pytest.raises(TLCMError, match="unknown toy world"):  # a module of tlcm.toy that is not a world
         resolve_world("common")
     from tlcm.toy.reward import vae_round_trip
 
