@@ -25,11 +25,11 @@ def test_toy_teacher_synthesize_and_inspect(toy_available, tmp_path, capsys):
                  "--batch-size", "3", "--no-progress", "--trajectory", "1"])
     assert code == 0
     m = read_manifest(out)
-    assert m["complete"] and m["teacher"]["id"] == "toy" and m["latent_shape"] == [4, 8, 8]
+    assert m["complete"] and m["teacher"]["id"] == "toy" and m["latent_shape"] == [4, 12, 12]
     assert m["generation"]["num_prompts"] > 1000  # the toy world's training split
     recs = list(open_shards(out, shuffle=False))
     assert len(recs) == 3 and all(torch.isfinite(r["latents"]).all() for r in recs)
-    assert recs[0]["trajectory"].shape == (1, 4, 8, 8)
+    assert recs[0]["trajectory"].shape == (1, 4, 12, 12)
     code = main(["synthesize", "--inspect", str(out), "--grid", str(tmp_path / "grid.png"), "--max-images", "3"])
     assert code == 0 and (tmp_path / "grid.png").exists()
     # same command again: nothing to do
