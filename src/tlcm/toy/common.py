@@ -199,6 +199,20 @@ def loss_summary(history: list[float]) -> dict:
 
 
 # --- images ----
+def blur_noise_augment(x: torch.Tensor, g: torch.Generator, blur_prob: float, noise_max: float) -> torch.Tensor:
+    """The toy classifiers' augmentation: a 3x3 binomial blur on a ``blur_prob`` share of the images and Gaussian noise
+    of a per-image std up to ``noise_max``, so they read decoded (slightly soft, noisy) images; nothing geometric or
+    colour-changing, which would change what the captions name. Draws from ``g`` only (resumable, seeded)."""
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    blur = torch.rand(b, 1, 1, 1, generator=g) < blur_prob
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
+    x = torch.where(blur, blurred, x)
+    return (x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * noise_max).clamp(0, 1)
+
+
 def to_tensor(images) -> torch.Tensor:
     """PIL images, a uint8 ``(N, H, W, 3)`` array, or a float ``(N, 3, H, W)`` tensor in [0, 1] -> float tensor."""
     if isinstance(images, torch.Tensor):

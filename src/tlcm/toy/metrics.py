@@ -82,13 +82,7 @@ def _real_arrays(n: int, seed: int, heldout_fraction: float):
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    b = x.shape[0]
-    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.3
-    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
-    x = torch.where(blur, blurred, x)
-    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.04
-    return x.clamp(0, 1)
+    return common.blur_noise_augment(x, g, 0.3, 0.04)
 
 
 def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True) -> dict:

@@ -239,14 +239,7 @@ def vae_round_trip(images: np.ndarray, vae_spec: str, batch: int = 200, progress
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Light blur (30 %) and Gaussian noise (std up to 0.04): no geometric or colour changes, which would change the
-    attributes the captions name."""
-    b = x.shape[0]
-    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.3
-    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
-    x = torch.where(blur, blurred, x)
-    return (x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.04).clamp(0, 1)
+    return common.blur_noise_augment(x, g, 0.3, 0.04)
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

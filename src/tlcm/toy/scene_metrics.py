@@ -185,13 +185,7 @@ def sample_query(scene: dict, rng: np.random.Generator) -> tuple[dict, bool]:
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    b = x.shape[0]
-    blur = torch.rand(b, 1, 1, 1, generator=g) < 0.2
-    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3)
-    x = torch.where(blur, blurred, x)
-    x = x + torch.randn(x.shape, generator=g) * torch.rand(b, 1, 1, 1, generator=g) * 0.03
-    return x.clamp(0, 1)
+    return common.blur_noise_augment(x, g, 0.2, 0.03)
 
 
 def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: bool = True) -> dict:

@@ -79,9 +79,7 @@ class StyleClassifier(nn.Module):
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The metrics classifier's augmentation (light blur, Gaussian noise): nothing that removes a texture."""
-    from tlcm.toy.scene_metrics import _augment as augment
-
-    return augment(x, g)
+    return common.blur_noise_augment(x, g, 0.2, 0.03)
 
 
 def _pairs(n: int, seed: int, style: str) -> tuple[np.ndarray, np.ndarray]:
