@@ -173,6 +173,19 @@ def load_checkpoint(path: Path, **objects) -> int:
     return int(ckpt["step"])
 
 
+def one_cycle_optimisation(model: torch.nn.Module, cfg, out: Path, weight_decay: float, name: str = "model"):
+    """The toy classifiers' optimisation: AdamW with a one-cycle learning rate over ``cfg.steps``, restored from
+    ``out/checkpoint.pt`` (the model stored under ``name``), and the batch RNG and augmentation generator seeded by
+    ``(cfg.seed, start step)`` so that a resumed run draws what the uninterrupted one would.
+    Returns ``(opt, sched, checkpoint_path, start_step, numpy_rng, torch_generator)``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    ckpt = Path(out) / "checkpoint.pt"
+    start = load_checkpoint(ckpt, **{name: model}, opt=opt, sched=sched)
+    rng = np.random.default_rng([cfg.seed, start])
+    return opt, sched, ckpt, start, rng, torch.Generator().manual_seed(cfg.seed + start)
+
+
 def run_training(step_fn, start: int, steps: int, checkpoint: Path, every: int, desc: str, progress: bool, **state):
     """The loop every toy trainer shares: call ``step_fn(step) -> loss`` for steps ``start..steps-1`` with a progress
     bar (mean loss of the last 50 steps), saving ``state`` (modules, optimizers, schedulers) to ``checkpoint`` every

@@ -107,12 +107,7 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
         Path(str(cache) + ".tmp.npz").replace(cache)
     torch.manual_seed(cfg.seed)
     model = AttributeClassifier(cfg.width, cfg.feature_dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    ckpt = out / "checkpoint.pt"
-    start = common.load_checkpoint(ckpt, model=model, opt=opt, sched=sched)
-    rng = np.random.default_rng([cfg.seed, start])
-    g = torch.Generator().manual_seed(cfg.seed + start)
+    opt, sched, ckpt, start, rng, g = common.one_cycle_optimisation(model, cfg, out, 1e-4)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     y_all = {k: torch.from_numpy(v) for k, v in labels.items()}
     model.train()

@@ -314,12 +314,7 @@ def train_reward(cfg: RewardConfig, out_dir: str | Path, progress: bool = True) 
     # 2. model and optimiser
     torch.manual_seed(cfg.seed)
     net = ToyRewardNet(cfg.width, cfg.embed_dim, sentences.shape[1], cfg.text_hidden, cfg.init_logit_scale)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    ckpt = out / "checkpoint.pt"
-    start = common.load_checkpoint(ckpt, net=net, opt=opt, sched=sched)
-    rng = np.random.default_rng([cfg.seed, start])
-    g = torch.Generator().manual_seed(cfg.seed + start)
+    opt, sched, ckpt, start, rng, g = common.one_cycle_optimisation(net, cfg, out, cfg.weight_decay, name="net")
     net.train()
 
     def train_step(step: int) -> float:

@@ -213,12 +213,7 @@ def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: 
 
     torch.manual_seed(cfg.seed)
     model = SceneClassifier(cfg.width, cfg.feature_dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    ckpt = out / "checkpoint.pt"
-    start = common.load_checkpoint(ckpt, model=model, opt=opt, sched=sched)
-    rng = np.random.default_rng([cfg.seed, start])
-    g = torch.Generator().manual_seed(cfg.seed + start)
+    opt, sched, ckpt, start, rng, g = common.one_cycle_optimisation(model, cfg, out, 1e-4)
     model.train()
 
     def train_step(step: int) -> float:

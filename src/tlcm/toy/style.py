@@ -143,12 +143,7 @@ def train_style_classifier(cfg: StyleConfig, out_dir: str | Path, progress: bool
 
     torch.manual_seed(cfg.seed)
     model = StyleClassifier(cfg.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    ckpt = out / "checkpoint.pt"
-    start = common.load_checkpoint(ckpt, model=model, opt=opt, sched=sched)
-    rng = np.random.default_rng([cfg.seed, start])
-    g = torch.Generator().manual_seed(cfg.seed + start)
+    opt, sched, ckpt, start, rng, g = common.one_cycle_optimisation(model, cfg, out, 1e-4)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
     x_vae = torch.from_numpy(trips).permute(0, 3, 1, 2) if trips is not None else None
     y_all = torch.from_numpy(labels)
