@@ -159,6 +159,11 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=1024, help="evaluation prompts")
     ap.add_argument("--quick", action="store_true", help="a few steps per stage (pipeline check, no real numbers)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stage1-steps", type=int, default=None,
+                    help="stage-1 length of the chain and of the three premise rows (default: the toy-mlcd preset's)")
+    ap.add_argument("--phase-steps", type=int, default=None,
+                    help="length of the chain's stage-2, reward and DMD+GAN phases and of the one-technique rows "
+                         "(default: each preset's; the rows then take the DMD phase's 200)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite benchmarks/results/ablation.md")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -182,18 +187,25 @@ def main() -> int:
                                              str(min(256, records))), real / "manifest.json", log, env)
     # the whole chain (its phases are the shared starting points of the ablation rows); --set for --quick
     chain_q = ["--set", "max_steps=2", "--set", "checkpointing_steps=0"] if args.quick else []
+    s1 = [] if args.quick or args.stage1_steps is None else ["--set", f"max_steps={args.stage1_steps}"]
+    if not args.quick:
+        if args.stage1_steps is not None:
+            chain_q += ["--set", f"stage1.max_steps={args.stage1_steps}"]
+        if args.phase_steps is not None:
+            for ph in ("stage2", "reward", "dmd-gan"):
+                chain_q += ["--set", f"{ph}.max_steps={args.phase_steps}"]
     run_stage("distill chain (toy-tlcm-full)",
               tlcm_cmd("distill", "--preset", "toy-tlcm-full", "--data", str(shards), "--output-dir",
                        str(out / "chain"), "--no-progress", *chain_q),
               out / "chain" / CHAIN_PHASES["all"] / "README.md", log, env)
     # stage-1 premises
-    _distill("stage1-path", out, "toy-mlcd", shards, ["--set", "state_source=teacher_path"], quick, log, env)
-    _distill("stage1-traj", out, "toy-mlcd", traj, ["--set", "state_source=trajectory"], quick, log, env)
-    _distill("stage1-real", out, "toy-mlcd", real, [], quick, log, env)
+    _distill("stage1-path", out, "toy-mlcd", shards, [*s1, "--set", "state_source=teacher_path"], quick, log, env)
+    _distill("stage1-traj", out, "toy-mlcd", traj, [*s1, "--set", "state_source=trajectory"], quick, log, env)
+    _distill("stage1-real", out, "toy-mlcd", real, s1, quick, log, env)
     # one technique each, from the chain's stage-2 student, as many steps as the DMD phase
     stage2 = out / "chain" / CHAIN_PHASES["consistency"]
     base = ["--set", f"init_lora={stage2}"]
-    dmd_steps = [] if args.quick else ["--set", "max_steps=200"]
+    dmd_steps = [] if args.quick else ["--set", f"max_steps={args.phase_steps or 200}"]
     _distill("cons-more", out, "toy-tlcm", shards, [*base, *dmd_steps, "--set", "lr_warmup_steps=0"], quick, log, env)
     _distill("dmd", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps, "--set", "gan_weight=0"], quick, log, env)
     _distill("gan", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps, "--set", "dmd_weight=0"], quick, log, env)
