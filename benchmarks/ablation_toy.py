@@ -41,7 +41,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_toy import _f, _is_student, _rows, resume_flag, run_stage, summary_of, tlcm_cmd  # noqa: E402
+from _stages import Stages, resume_flag, summary_of, synthesized, tlcm_cmd  # noqa: E402
+from distill_toy import _f, _is_student, _rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "ablation.md"
@@ -51,11 +52,11 @@ ROWS = ("stage1", "stage1-path", "stage1-traj", "stage1-real", "consistency", "c
         "reward", "all")
 
 
-def _distill(name: str, out: Path, preset: str, data: Path, extra: list[str], quick: list[str], log, env) -> None:
+def _distill(stages: Stages, name: str, out: Path, preset: str, data: Path, extra: list[str], quick: list[str]) -> None:
     run = out / name
     cmd = tlcm_cmd("distill", "--preset", preset, "--data", str(data), "--output-dir", str(run), "--no-progress",
                    *extra, *quick, *resume_flag(run))
-    run_stage(f"distill {name}", cmd, run / "README.md", log, env)
+    stages.run(f"distill {name}", cmd, run / "README.md")
 
 
 def quality_table(by: dict, best: dict) -> str:
@@ -171,20 +172,20 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
     records = 32 if args.quick else args.records
     quick = ["--max-steps", "2", "--set", "checkpointing_steps=0"] if args.quick else []
-    log: list[dict] = []
+    stages = Stages(env, tag="ablation_toy")
     synth = ["--teacher", "toy", "--prompts", "toy", "--num-records", str(records), "--solver", "dpmpp", "--steps",
              "25", "--guidance-scale", "4", "--batch-size", "64", "--records-per-shard", str(min(256, records)),
              "--no-progress"]
     shards, traj, real = out / "shards", out / "shards-traj", out / "real"
-    run_stage("synthesize", tlcm_cmd("synthesize", *synth, "--out", str(shards)), shards / "manifest.json", log, env)
-    run_stage("synthesize with trajectory", tlcm_cmd("synthesize", *synth, "--out", str(traj), "--trajectory",
-                                                     "4,8,12,16,20"), traj / "manifest.json", log, env)
-    run_stage("real toy images", tlcm_cmd("toy", "dataset", "--out", str(out / "images"), "--n", str(records),
+    stages.run("synthesize", tlcm_cmd("synthesize", *synth, "--out", str(shards)), synthesized(shards))
+    stages.run("synthesize with trajectory", tlcm_cmd("synthesize", *synth, "--out", str(traj), "--trajectory",
+                                                     "4,8,12,16,20"), synthesized(traj))
+    stages.run("real toy images", tlcm_cmd("toy", "dataset", "--out", str(out / "images"), "--n", str(records),
                                           "--heldout", "0", "--seed", "5", "--no-progress"),
-              out / "images" / "train" / "metadata.jsonl", log, env)
-    run_stage("encode real images", tlcm_cmd("encode-images", "--images", str(out / "images" / "train"), "--teacher",
+              out / "images" / "train" / "metadata.jsonl")
+    stages.run("encode real images", tlcm_cmd("encode-images", "--images", str(out / "images" / "train"), "--teacher",
                                              "toy", "--out", str(real), "--records-per-shard",
-                                             str(min(256, records))), real / "manifest.json", log, env)
+                                             str(min(256, records))), real / "manifest.json")
     # the whole chain (its phases are the shared starting points of the ablation rows); --set for --quick
     chain_q = ["--set", "max_steps=2", "--set", "checkpointing_steps=0"] if args.quick else []
     s1 = [] if args.quick or args.stage1_steps is None else ["--set", f"max_steps={args.stage1_steps}"]
@@ -194,22 +195,22 @@ def main() -> int:
         if args.phase_steps is not None:
             for ph in ("stage2", "reward", "dmd-gan"):
                 chain_q += ["--set", f"{ph}.max_steps={args.phase_steps}"]
-    run_stage("distill chain (toy-tlcm-full)",
+    stages.run("distill chain (toy-tlcm-full)",
               tlcm_cmd("distill", "--preset", "toy-tlcm-full", "--data", str(shards), "--output-dir",
                        str(out / "chain"), "--no-progress", *chain_q),
-              out / "chain" / CHAIN_PHASES["all"] / "README.md", log, env)
+              out / "chain" / CHAIN_PHASES["all"] / "README.md")
     # stage-1 premises
-    _distill("stage1-path", out, "toy-mlcd", shards, [*s1, "--set", "state_source=teacher_path"], quick, log, env)
-    _distill("stage1-traj", out, "toy-mlcd", traj, [*s1, "--set", "state_source=trajectory"], quick, log, env)
-    _distill("stage1-real", out, "toy-mlcd", real, s1, quick, log, env)
+    _distill(stages, "stage1-path", out, "toy-mlcd", shards, [*s1, "--set", "state_source=teacher_path"], quick)
+    _distill(stages, "stage1-traj", out, "toy-mlcd", traj, [*s1, "--set", "state_source=trajectory"], quick)
+    _distill(stages, "stage1-real", out, "toy-mlcd", real, s1, quick)
     # one technique each, from the chain's stage-2 student, as many steps as the DMD phase
     stage2 = out / "chain" / CHAIN_PHASES["consistency"]
     base = ["--set", f"init_lora={stage2}"]
     dmd_steps = [] if args.quick else ["--set", f"max_steps={args.phase_steps or 200}"]
-    _distill("cons-more", out, "toy-tlcm", shards, [*base, *dmd_steps, "--set", "lr_warmup_steps=0"], quick, log, env)
-    _distill("dmd", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps, "--set", "gan_weight=0"], quick, log, env)
-    _distill("gan", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps, "--set", "dmd_weight=0"], quick, log, env)
-    _distill("dmd-gan", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps], quick, log, env)
+    _distill(stages, "cons-more", out, "toy-tlcm", shards, [*base, *dmd_steps, "--set", "lr_warmup_steps=0"], quick)
+    _distill(stages, "dmd", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps, "--set", "gan_weight=0"], quick)
+    _distill(stages, "gan", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps, "--set", "dmd_weight=0"], quick)
+    _distill(stages, "dmd-gan", out, "toy-tlcm-dmd", shards, [*base, *dmd_steps], quick)
 
     loras = []
     for name in ROWS:
@@ -218,9 +219,9 @@ def main() -> int:
     few = ["--num-prompts", "32" if args.quick else str(args.num_prompts)] + (["--diversity", "8x4"] if args.quick
                                                                               else [])
     eval_dir = out / "eval"
-    run_stage("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir), "--steps",
+    stages.run("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir), "--steps",
                                    ",".join(map(str, STEPS)), "--schedulers", "ddim,dpmpp", *loras, *few),
-              eval_dir / "results.json", log, env)
+              eval_dir / "results.json")
 
     from tlcm.evaluate.baselines import add_ratios, best_training_free
 
@@ -263,8 +264,7 @@ def main() -> int:
         "",
         "## Stages",
         "",
-        *[f"- {e['stage']}: `{e['command']}`" + (" (done earlier)" if e.get("skipped") else
-                                                  f" ({e.get('wall_s', '-')} s)") for e in log],
+        *stages.markdown(),
         "",
     ])
     print(text)

@@ -23,67 +23,16 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _stages  # noqa: E402
+from _stages import Stages, resume_flag, summary_of, tlcm_cmd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "distill.md"
 STEPS = (1, 2, 3, 4, 8, 50)
-
-
-TOY_ASSETS: str | None = None  # --toy-assets: use a `tlcm toy build` work dir's assets instead of the shipped ones
-
-_WRAP = ("import pathlib, sys, tlcm.toy as toy; d = pathlib.Path(sys.argv.pop(1)); "
-         "toy.assets_dir = lambda world=None: d; from tlcm.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
-def tlcm_cmd(*args: str) -> list[str]:
-    if TOY_ASSETS:
-        return [sys.executable, "-c", _WRAP, TOY_ASSETS, *args]
-    return [sys.executable, "-m", "tlcm.cli", *args]
-
-
-def shown(cmd: list[str]) -> str:
-    """The command as a user would type it (``tlcm ...``; the --toy-assets wrapper is described once, not repeated)."""
-    args = cmd[4:] if cmd[1] == "-c" else cmd[3:]
-    return "tlcm " + " ".join(shlex.quote(c) for c in args)
-
-
-def run_stage(name: str, cmd: list[str], done: Path, log: list[dict], env: dict) -> dict:
-    """Run ``cmd`` unless ``done`` exists; record wall time and peak RSS of the child."""
-    entry = {"stage": name, "command": shown(cmd)}
-    if done.exists():
-        entry["skipped"] = True
-        log.append(entry)
-        return entry
-    print(f"[distill_toy] {name}: {entry['command']}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env)
-    entry["wall_s"] = round(time.time() - t0, 1)
-    import resource
-
-    entry["peak_rss_mib_children"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
-    if proc.returncode != 0:
-        raise SystemExit(f"[distill_toy] stage {name} failed with exit code {proc.returncode}")
-    log.append(entry)
-    return entry
-
-
-def resume_flag(run_dir: Path) -> list[str]:
-    """How to re-run an interrupted distillation stage: ``--resume latest`` when it left checkpoints (distill continues
-    it bit-identically); ``--overwrite`` when it was killed before its first checkpoint (distill refuses a folder
-    holding another run, and there is nothing to continue); nothing for a new stage. A finished stage is skipped."""
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")):
-        return ["--resume", "latest"]
-    return ["--overwrite"] if run_dir.is_dir() and any(run_dir.iterdir()) else []
-
-
-def summary_of(run_dir: Path) -> dict:
-    path = run_dir / "train_summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _rows(results_path: Path) -> list[dict]:
@@ -209,12 +158,8 @@ def main() -> int:
     ap.add_argument("--schedulers", default="ddim,dpmpp,euler", help="teacher solvers to compare with")
     ap.add_argument("--toy-assets", help="assets folder of a `tlcm toy build` work dir (default: the shipped ones)")
     args = ap.parse_args()
-    global TOY_ASSETS
     if args.toy_assets:
-        TOY_ASSETS = str(Path(args.toy_assets).resolve())
-        import tlcm.toy
-
-        tlcm.toy.assets_dir = lambda world=None: Path(TOY_ASSETS)
+        _stages.use_toy_assets(args.toy_assets)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
@@ -222,53 +167,45 @@ def main() -> int:
 
     q = ["--max-steps", "3", "--set", "checkpointing_steps=0"] if args.quick else []
     records = 64 if args.quick else args.records
-    log: list[dict] = []
+    stages = Stages(env, tag="distill_toy")
     shards = out / "shards"
-    run_stage("synthesize", tlcm_cmd("synthesize", "--teacher", "toy", "--prompts", str(default_prompts_path()),
+    stages.run("synthesize", tlcm_cmd("synthesize", "--teacher", "toy", "--prompts", str(default_prompts_path()),
                                      "--out", str(shards), "--num-records", str(records), "--solver", "dpmpp",
                                      "--steps", "25", "--guidance-scale", "4", "--batch-size", "64",
                                      "--records-per-shard", "256", "--no-progress"),
-              shards / "manifest.json", log, env)
+               _stages.synthesized(shards))
     # lcm and mlcd are independent: run them side by side (one thread each)
-    pending = []
-    for recipe in ("lcm", "mlcd"):
-        cmd = tlcm_cmd("distill", "--preset", f"toy-{recipe}", "--data", str(shards), "--output-dir",
-                       str(out / recipe), "--no-progress", *q, *resume_flag(out / recipe))
-        entry = {"stage": f"distill-{recipe}", "command": shown(cmd)}
-        log.append(entry)
-        if not (out / recipe / "README.md").exists():
-            print(f"[distill_toy] {entry['stage']}: {entry['command']}", flush=True)
-            pending.append((entry, subprocess.Popen(cmd, env=env)))
-    for entry, proc in pending:
-        if proc.wait() != 0:
-            raise SystemExit(f"[distill_toy] stage {entry['stage']} failed with exit code {proc.returncode}")
-    run_stage("distill-tlcm", tlcm_cmd("distill", "--preset", "toy-tlcm", "--data", str(shards), "--output-dir",
+    stages.run_parallel([(f"distill-{recipe}", tlcm_cmd("distill", "--preset", f"toy-{recipe}", "--data", str(shards),
+                                                        "--output-dir", str(out / recipe), "--no-progress", *q,
+                                                        *resume_flag(out / recipe)), out / recipe / "README.md")
+                         for recipe in ("lcm", "mlcd")])
+    stages.run("distill-tlcm", tlcm_cmd("distill", "--preset", "toy-tlcm", "--data", str(shards), "--output-dir",
                                        str(out / "tlcm"), "--set", f"init_lora={out / 'mlcd'}", "--no-progress", *q,
                                        *resume_flag(out / "tlcm")),
-              out / "tlcm" / "README.md", log, env)
+               out / "tlcm" / "README.md")
     full_steps = "3" if args.quick else "20"
-    run_stage("distill-lcm-full (cost only)", tlcm_cmd("distill", "--preset", "toy-lcm", "--data", str(shards),
+    stages.run("distill-lcm-full (cost only)", tlcm_cmd("distill", "--preset", "toy-lcm", "--data", str(shards),
                                                        "--output-dir", str(out / "lcm-full"), "--set", "student=full",
                                                        "--set", "learning_rate=1e-4", "--max-steps", full_steps,
                                                        "--set", "checkpointing_steps=0", "--no-progress",
                                                        *resume_flag(out / "lcm-full")),
-              out / "lcm-full" / "README.md", log, env)
+               out / "lcm-full" / "README.md")
     few = ["--num-prompts", "32" if args.quick else str(args.num_prompts)]
     if args.quick:
         few += ["--diversity", "8x4"]  # the protocol's 32 prompts x 4 seeds would triple a 32-prompt cell
     eval_dir = out / "eval"
     # one grid: the teacher's solvers (g = 1 and 4), each student, and the teacher with each student's sampler (the
     # toy protocol adds those baselines); a 4-segment MLCD student walks at most 4 steps, its 8-step cell is skipped
-    run_stage("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir),
+    stages.run("evaluate", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_dir),
                                    "--lora", f"lcm={out / 'lcm'}", "--lora", f"mlcd={out / 'mlcd'}",
                                    "--lora", f"tlcm={out / 'tlcm'}", "--steps", "1,2,3,4,8",
                                    "--schedulers", args.schedulers, *few),
-              eval_dir / "results.json", log, env)
+               eval_dir / "results.json")
     eval_ref = out / "eval-teacher50"
-    run_stage("evaluate-teacher-50", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_ref),
+    stages.run("evaluate-teacher-50", tlcm_cmd("evaluate", "--protocol", "toy", "--out", str(eval_ref),
                                               "--no-reference", "--schedulers", "dpmpp", "--steps", "50",
                                               "--guidance", "4", *few),
-              eval_ref / "results.json", log, env)
+               eval_ref / "results.json")
 
     from tlcm.evaluate.baselines import add_ratios, best_training_free
 
@@ -298,7 +235,7 @@ def main() -> int:
             write_text(run / "README.md", card)
 
     costs = ["| stage | wall time (s) | peak memory (MiB) | notes |", "|---|---|---|---|"]
-    for e in log:
+    for e in stages.log:
         name = e["stage"]
         run = {"distill-lcm": "lcm", "distill-mlcd": "mlcd", "distill-tlcm": "tlcm",
                "distill-lcm-full (cost only)": "lcm-full"}.get(name)
@@ -341,10 +278,11 @@ def main() -> int:
         "",
         "## Commands",
         "",
-        *([f"(run with `--toy-assets {TOY_ASSETS}`: each command ran as `python -c '<point tlcm.toy.assets_dir at "
-           f"that folder>; tlcm.cli.main(...)'`, i.e. on that toy build instead of the shipped assets)", ""]
-          if TOY_ASSETS else []),
-        *[f"- {e['stage']}: `{e['command']}`" for e in log],
+        *([f"(run with `--toy-assets {_stages.TOY_ASSETS}`: each command ran as `python -c '<point "
+           "tlcm.toy.assets_dir at that folder>; tlcm.cli.main(...)'`, i.e. on that toy build instead of the shipped "
+           "assets)", ""]
+          if _stages.TOY_ASSETS else []),
+        *stages.markdown(),
         "",
     ])
     print(text)

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transfer_toy import QUICK_DISTILL, Stages, prompts_file, resume_flag, synthesized, tlcm_cmd  # noqa: E402
+from _stages import Stages, resume_flag, synthesized, tlcm_cmd  # noqa: E402
+from transfer_toy import QUICK_DISTILL, prompts_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "negative_prompt.md"
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages({**os.environ, "OMP_NUM_THREADS": str(args.threads)}, in_process=args.in_process)
+    stages = Stages({**os.environ, "OMP_NUM_THREADS": str(args.threads)}, in_process=args.in_process,
+                    tag="negative_prompt_toy")
     quick = QUICK_DISTILL if args.quick else []
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     from tlcm.models import resolve_model_path
@@ -283,8 +285,7 @@ def write_report(args, argv, results: dict, recommended: dict, steps: list[int],
         "",
         "## Stages",
         "",
-        *[f"- {e['stage']}: `{e['command']}`" + (f" ({e['wall_s']} s)" if "wall_s" in e else "")
-          for e in stages.log],
+        *stages.markdown(),
         "",
     ])
     print(text)

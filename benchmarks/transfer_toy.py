@@ -32,10 +32,11 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stages import Stages, is_done, resume_flag, synthesized, tlcm_cmd  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "transfer.md"
@@ -51,76 +52,6 @@ QUICK_FINETUNE = ["--images", "16", "--steps", "2", "--batch-size", "4", "--lr",
 
 
 # --- stages ----------------------------------------------------------------------------------------------------------
-def tlcm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tlcm.cli", *args]
-
-
-def shown(cmd: list[str]) -> str:
-    return "tlcm " + " ".join(shlex.quote(c) for c in cmd[3:]) if cmd[:3] == tlcm_cmd() else " ".join(cmd)
-
-
-class Stages:
-    """Runs each stage once (skipped when ``done`` exists) and records its command and wall time.
-
-    ``in_process``: run ``tlcm`` commands through :func:`tlcm.cli.main` in this process instead of a subprocess (the
-    same arguments; saves an interpreter and import start-up per stage, which the tests at tiny sizes need)."""
-
-    def __init__(self, env: dict, in_process: bool = False):
-        self.env = env
-        self.in_process = in_process
-        self.log: list[dict] = []
-
-    def run(self, name: str, cmd: list[str], done) -> None:
-        """``done``: a path, a list of paths (all must exist) or a callable: the stage's finished output."""
-        entry = {"stage": name, "command": shown(cmd)}
-        self.log.append(entry)
-        if is_done(done):
-            entry["skipped"] = True
-            return
-        print(f"[transfer_toy] {name}: {entry['command']}", flush=True)
-        t0 = time.time()
-        if self.in_process and cmd[:3] == tlcm_cmd():
-            from tlcm.cli import main as tlcm_main
-
-            rc = tlcm_main(cmd[3:])
-        else:
-            rc = subprocess.run(cmd, env=self.env).returncode
-        entry["wall_s"] = round(time.time() - t0, 1)
-        if rc != 0:
-            raise SystemExit(f"[transfer_toy] stage {name} failed with exit code {rc}")
-
-    def python(self, name: str, what: str, fn, done) -> None:
-        entry = {"stage": name, "command": what}
-        self.log.append(entry)
-        if is_done(done):
-            entry["skipped"] = True
-            return
-        print(f"[transfer_toy] {name}: {what}", flush=True)
-        t0 = time.time()
-        fn()
-        entry["wall_s"] = round(time.time() - t0, 1)
-
-
-def is_done(done) -> bool:
-    if callable(done):
-        return bool(done())
-    return all(Path(p).exists() for p in (done if isinstance(done, (list, tuple)) else [done]))
-
-
-def synthesized(shards: Path):
-    """Done-check of a synthesize stage: its manifest is written at the start and marked complete at the end."""
-    def check() -> bool:
-        path = shards / "manifest.json"
-        return path.is_file() and bool(json.loads(path.read_text()).get("complete"))
-
-    return check
-
-
-def resume_flag(run_dir: Path) -> list[str]:
-    ckpts = run_dir / "checkpoints"
-    return ["--resume", "latest"] if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")) else []
-
-
 def fuse_style_lora(teacher: str, lora: Path, out: Path) -> Path:
     """The base teacher with the style LoRA fused in (scale 1), as a toy pipeline folder: the teacher a student
     "distilled directly from base + style LoRA" is distilled from."""
@@ -308,7 +239,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    stages = Stages(env, in_process=args.in_process)
+    stages = Stages(env, in_process=args.in_process, tag="transfer_toy")
     quick = QUICK_DISTILL if args.quick else []
     direct = [d.strip() for d in args.direct.split(",") if d.strip()]
     if set(direct) - {"finetune", "stylelora"}:
@@ -452,8 +383,7 @@ def write_report(args, argv, out: Path, results: dict, stages: Stages, direct: l
         "",
         "## Stages",
         "",
-        *[f"- {e['stage']}: `{e['command']}`" + (f" ({e['wall_s']} s)" if "wall_s" in e else "")
-          for e in stages.log],
+        *stages.markdown(),
         "",
     ])
     print(text)

@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name):
-    if str(BENCH) not in sys.path:  # negative_prompt_toy imports transfer_toy's stage runner
+    if str(BENCH) not in sys.path:  # the scripts import _stages and each other
         sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -127,11 +127,8 @@ def test_negative_prompt_bars(negprompt, capsys):
                          toy_fid_data=1.0, clipped=0.0, saturation=0.5).items():
             r.setdefault(k, v)
 
-    class Stages:
-        log = []
-
     text = negprompt.write_report(Args(), [], results, {"plain-lcm": 1.0, "cfg-lcm": 2.5, "cfg-tlcm": 2.0},
-                                  [1, 2, 4, 8], 50, Stages())
+                                  [1, 2, 4, 8], 50, negprompt.Stages())
     bars = [line for line in text.splitlines() if line.startswith("- cfg-")]
     assert len(bars) == 4
     assert "**met**" in bars[0] and "**met**" in bars[1]  # cfg-lcm: 0.10 <= 0.06 + 0.05; 11 <= 1.1 x 10
@@ -249,20 +246,49 @@ def test_negative_prompt_benchmark_runs_end_to_end(negprompt, transfer_run, caps
     assert sum(line.startswith("- cfg-lcm ") for line in text.splitlines()) == 2
 
 
-def test_stages_are_done_only_when_their_output_is_complete(transfer, tmp_path):
+def test_stages_are_done_only_when_their_output_is_complete(tmp_path):
     """A synthesize stage writes its manifest first and marks it complete last; a fine-tune writes report.json after
     its first variant: neither file alone may skip the stage on resume."""
+    st = _load("_stages")
     shards = tmp_path / "shards"
     shards.mkdir()
-    check = transfer.synthesized(shards)
+    check = st.synthesized(shards)
     assert not check()
     (shards / "manifest.json").write_text(json.dumps({"complete": False}))
-    assert not transfer.is_done(check)
+    assert not st.is_done(check)
     (shards / "manifest.json").write_text(json.dumps({"complete": True}))
-    assert transfer.is_done(check)
+    assert st.is_done(check)
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("")
-    assert transfer.is_done(a) and not transfer.is_done([a, b]) and not transfer.is_done(b)
-    stages = transfer.Stages({}, in_process=True)
-    stages.run("x", transfer.tlcm_cmd("--version"), a)  # done: not run
+    assert st.is_done(a) and not st.is_done([a, b]) and not st.is_done(b)
+    stages = st.Stages({}, in_process=True)
+    stages.run("x", st.tlcm_cmd("--version"), a)  # done: not run
     assert stages.log == [{"stage": "x", "command": "tlcm --version", "skipped": True}]
+    stages.python("y", "f()", lambda: b.write_text("ran"), b)
+    assert b.read_text() == "ran" and stages.log[-1]["stage"] == "y" and "wall_s" in stages.log[-1]
+    assert stages.markdown()[0] == "- x: `tlcm --version` (done earlier)"
+    assert stages.markdown()[1].startswith("- y: `f()` (") and stages.markdown()[1].endswith(" s)")
+
+
+def test_failing_stage_stops_the_benchmark_and_interrupted_runs_resume(tmp_path):
+    st = _load("_stages")
+    stages = st.Stages(None, tag="t")
+    with pytest.raises(SystemExit, match="stage z failed with exit code 3"):
+        stages.run("z", [sys.executable, "-c", "import sys; sys.exit(3)"], tmp_path / "never")
+    assert stages.log[-1]["stage"] == "z" and "skipped" not in stages.log[-1]
+    run = tmp_path / "run"
+    assert st.resume_flag(run) == []  # a new stage
+    run.mkdir()
+    (run / "config.yaml").write_text("x: 1")
+    assert st.resume_flag(run) == ["--overwrite"]  # killed before its first checkpoint: nothing to continue
+    (run / "checkpoints" / "checkpoint-100").mkdir(parents=True)
+    assert st.resume_flag(run) == ["--resume", "latest"]
+    # the toy-assets wrapper is shown as the tlcm command a user would type
+    old = st.TOY_ASSETS
+    try:
+        st.TOY_ASSETS = str(tmp_path)
+        cmd = st.tlcm_cmd("sample", "--prompt", "a red circle")
+        assert cmd[1] == "-c" and st.shown(cmd) == "tlcm sample --prompt 'a red circle'"
+    finally:
+        st.TOY_ASSETS = old
+    assert st.shown(["ls", "-l"]) == "ls -l"
