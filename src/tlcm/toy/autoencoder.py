@@ -127,16 +127,11 @@ def train_vae(cfg: VAEConfig, out_dir: str | Path, progress: bool = True) -> dic
     is not repeated.
     """
     out = Path(out_dir)
-    if (out / "report.json").is_file() and (out / "vae" / "config.json").is_file():
-        import json
-
-        return json.loads((out / "report.json").read_text())
+    if (done := common.finished_report(out, "vae/config.json")) is not None:
+        return done
     if not cfg.data:
         raise TLCMError("no training images given to the VAE trainer", "pass --data DIR (an imagefolder)")
-    common.set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_config(cfg, out / "config.yaml")
-    clock = common.Stopwatch()
+    clock = common.begin_run(cfg, out)
     images, _ = common.load_image_arrays(cfg.data, cfg.resolution, cache=out / "images.npz")
     n_eval = min(cfg.eval_images, max(1, len(images) // 10))
     eval_images, train_images = images[:n_eval], images[n_eval:] if len(images) > n_eval else images
@@ -167,11 +162,7 @@ def train_vae(cfg: VAEConfig, out_dir: str | Path, progress: bool = True) -> dic
         l2 = (w * (rec - x) ** 2).mean()
         kl = posterior.kl().mean() / x[0].numel()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        common.optimiser_step(loss, opt, sched, vae.parameters())
         return loss.item()
 
     history = common.run_training(

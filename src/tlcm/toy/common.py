@@ -374,6 +374,34 @@ def assemble_pipeline(
     return out
 
 
+def finished_report(out: Path, artefact: str) -> dict | None:
+    """The report of a finished earlier run in ``out`` (its ``report.json`` and the ``artefact`` it describes are both
+    there, so a re-run trainer skips the work), else None."""
+    report = Path(out) / "report.json"
+    if report.is_file() and (Path(out) / artefact).is_file():
+        return json.loads(report.read_text())
+    return None
+
+
+def begin_run(cfg, out: Path) -> Stopwatch:
+    """Set up a trainer's run in ``out`` (torch threads, the folder, its ``config.yaml``); the clock of its report."""
+    set_threads(cfg.threads)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_config(cfg, Path(out) / "config.yaml")
+    return Stopwatch()
+
+
+def optimiser_step(loss: torch.Tensor, opt, sched, clip_params=None) -> None:
+    """One update of a toy trainer: gradients of ``loss`` (clipped to norm 1 when ``clip_params`` are given), an
+    optimiser step and a learning-rate schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+
+
 class Stopwatch:
     def __init__(self):
         self.t0 = time.perf_counter()

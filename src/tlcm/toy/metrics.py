@@ -90,12 +90,9 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
     ``report.json`` (accuracy per attribute on fresh real images, real-vs-real toy-FID floor). Resumable."""
 
     out = Path(out_dir)
-    if (out / "report.json").is_file() and (out / "classifier.safetensors").is_file():
-        return json.loads((out / "report.json").read_text())
-    common.set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_config(cfg, out / "config.yaml")
-    clock = common.Stopwatch()
+    if (done := common.finished_report(out, "classifier.safetensors")) is not None:
+        return done
+    clock = common.begin_run(cfg, out)
     cache = out / "real.npz"
     if cache.is_file():
         with np.load(cache) as z:
@@ -117,10 +114,7 @@ def train_metrics(cfg: MetricsConfig, out_dir: str | Path, progress: bool = True
         x = _augment(x_all[idx].float() / 255, g)
         logits = model(x)
         loss = sum(F.cross_entropy(logits[k], y_all[k][idx]) for k in logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        common.optimiser_step(loss, opt, sched)
         return loss.item()
 
     history = common.run_training(

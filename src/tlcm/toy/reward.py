@@ -290,18 +290,15 @@ def train_reward(cfg: RewardConfig, out_dir: str | Path, progress: bool = True) 
     from tlcm.toy.metrics import MetricsConfig
 
     out = Path(out_dir)
-    if (out / "report.json").is_file() and (out / WEIGHTS).is_file():
-        return json.loads((out / "report.json").read_text())
+    if (done := common.finished_report(out, WEIGHTS)) is not None:
+        return done
     if cfg.data_seed == MetricsConfig.seed:
         raise TLCMError(f"data_seed {cfg.data_seed} is the metrics classifier's training seed",
                         "the reward must not see the yardstick's images: pick another data_seed")
     if cfg.train_images < 2 or cfg.batch_size < 2 or cfg.steps < 1:
         raise TLCMError("the toy reward needs train_images >= 2, batch_size >= 2 and steps >= 1")
     world = resolve_world(cfg.world)
-    common.set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_config(cfg, out / "config.yaml")
-    clock = common.Stopwatch()
+    clock = common.begin_run(cfg, out)
 
     # 1. data: images, VAE round trips, frozen sentence embeddings (cached)
     data = _prepare(cfg, world, out, progress)
@@ -328,10 +325,7 @@ def train_reward(cfg: RewardConfig, out_dir: str | Path, progress: bool = True) 
         txt = net.text_embeds(sentences[data["caption_index"][idx]])
         # 4. symmetric InfoNCE, same-combination captions as positives
         loss = contrastive_loss(net.image_embeds(x), txt, data["labels"][idx], net.scale())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        common.optimiser_step(loss, opt, sched)
         return loss.item()
 
     history = common.run_training(

@@ -192,12 +192,9 @@ def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: 
     """Train the scene classifier; writes ``classifier.safetensors``, ``config.json``, ``report.json``. Resumable."""
 
     out = Path(out_dir)
-    if (out / "report.json").is_file() and (out / "classifier.safetensors").is_file():
-        return json.loads((out / "report.json").read_text())
-    common.set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_config(cfg, out / "config.yaml")
-    clock = common.Stopwatch()
+    if (done := common.finished_report(out, "classifier.safetensors")) is not None:
+        return done
+    clock = common.begin_run(cfg, out)
     cache = out / "real.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
@@ -226,10 +223,7 @@ def train_scene_metrics(cfg: SceneMetricsConfig, out_dir: str | Path, progress: 
         loss = loss + F.binary_cross_entropy_with_logits(cells["object"], y["object"][idx]) * GRID
         for key in CELL_ATTRIBUTES:
             loss = loss + F.cross_entropy(cells[key].flatten(0, 1), y[key][idx].flatten(), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        common.optimiser_step(loss, opt, sched)
         return loss.item()
 
     history = common.run_training(train_step, start, cfg.steps, ckpt, cfg.checkpoint_every, "train-metrics (v4)",

@@ -130,12 +130,9 @@ def train_style_classifier(cfg: StyleConfig, out_dir: str | Path, progress: bool
 
     _check_style(cfg.style)
     out = Path(out_dir)
-    if (out / "report.json").is_file() and (out / WEIGHTS).is_file():
-        return json.loads((out / "report.json").read_text())
-    common.set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_config(cfg, out / "config.yaml")
-    clock = common.Stopwatch()
+    if (done := common.finished_report(out, WEIGHTS)) is not None:
+        return done
+    clock = common.begin_run(cfg, out)
     vae = _vae_folder(cfg.vae)
     images, labels = _pairs(cfg.train_images, cfg.data_seed, cfg.style)
     n_vae = min(cfg.vae_images, len(images)) if vae is not None and cfg.vae_fraction > 0 else 0
@@ -156,10 +153,7 @@ def train_style_classifier(cfg: StyleConfig, out_dir: str | Path, progress: bool
             use = torch.from_numpy(rng.random(len(idx)) < cfg.vae_fraction) & (idx < len(x_vae))
             x[use] = x_vae[idx[use]].float() / 255
         loss = F.binary_cross_entropy_with_logits(model(_augment(x, g)), y_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        common.optimiser_step(loss, opt, sched)
         return loss.item()
 
     history = common.run_training(train_step, start, cfg.steps, ckpt, cfg.checkpoint_every,

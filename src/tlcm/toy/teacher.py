@@ -10,7 +10,6 @@ uses min-SNR loss weighting (gamma 5) and keeps an EMA of the weights, which is 
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,11 +170,7 @@ def make_train_step(unet, enc: dict, cfg, rng: np.random.Generator, scaling: flo
         snr = _snr(acp, t)
         weight = torch.clamp(snr, max=cfg.snr_gamma) / snr if cfg.snr_gamma else torch.ones_like(snr)
         loss = (weight * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        common.optimiser_step(loss, opt, sched, params)
         # EMA (decay warmed up so early averages are not dominated by the random init)
         if ema is not None:
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -202,16 +197,13 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     from diffusers import AutoencoderKL
 
     out = Path(out_dir)
-    if (out / "report.json").is_file() and (out / "pipeline" / "model_index.json").is_file():
-        return json.loads((out / "report.json").read_text())
+    if (done := common.finished_report(out, "pipeline/model_index.json")) is not None:
+        return done
     if not cfg.data or not cfg.vae:
         raise TLCMError("the teacher trainer needs --data (imagefolder) and --vae (trained VAE folder)")
     if not (Path(cfg.vae) / "config.json").is_file():
         raise TLCMError(f"no AutoencoderKL in {cfg.vae}", "train one first with `tlcm toy train-vae`")
-    common.set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_config(cfg, out / "config.yaml")
-    clock = common.Stopwatch()
+    clock = common.begin_run(cfg, out)
 
     # 1. frozen parts: VAE latents and MiniLM states of every caption, computed once and cached
     vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
