@@ -136,12 +136,12 @@ def encode_images(config: EncodeImagesConfig, *, pipe=None) -> Path:
 def _encode_images(config: EncodeImagesConfig, state, pipe) -> Path:
     from tlcm.data.synthesize import (
         ENGINE_VERSION,
-        _damaged_shards,
         _finish,
         _load_teacher,
         fingerprint_matches,
         initial_noise,
         teacher_fingerprint,
+        verify_complete,
     )
     from tlcm.models import encode_prompts, parse_dtype, resolve_device
     from tlcm.runlock import LOCK_NAME
@@ -199,16 +199,7 @@ def _encode_images(config: EncodeImagesConfig, state, pipe) -> Path:
     if existing is not None and existing.get("identity_sha256") is None:
         ident = None  # started by an older tlcm: its shards carry no identity
     if existing is not None and existing.get("complete"):  # verify; damaged shards make it unfinished again
-        if state.is_main_process:
-            damaged = _damaged_shards(out, existing)
-            for entry, why in damaged:
-                print(f"{out}: {why}; encoding it again", flush=True)
-                for suffix in (".safetensors", ".json"):
-                    (out / f"{entry['name']}{suffix}").unlink(missing_ok=True)
-            if damaged:
-                write_manifest(out, {**existing, "complete": False, "shards": []})
-        state.wait_for_everyone()
-        existing = read_manifest(out)
+        existing = verify_complete(out, existing, state, "encoding it again")
         if existing.get("complete"):
             if state.is_main_process:
                 print(f"{out}: complete ({existing['num_records']} records, every shard's checksum verified), "

@@ -512,6 +512,22 @@ def _damaged_shards(out: Path, manifest: dict) -> list[tuple[dict, str]]:
     return bad
 
 
+def verify_complete(out: Path, existing: dict, state, action: str) -> dict:
+    """Check a complete data set's shards against its manifest; delete damaged ones and mark the set unfinished, so
+    that the run re-creates them (``action``: what the log says it does, e.g. "regenerating it"). All processes
+    return the manifest as it is now."""
+    if state.is_main_process:
+        damaged = _damaged_shards(out, existing)
+        for entry, why in damaged:
+            print(f"{out}: {why}; {action}", flush=True)
+            for suffix in (".safetensors", ".json"):
+                (out / f"{entry['name']}{suffix}").unlink(missing_ok=True)
+        if damaged:
+            write_manifest(out, {**existing, "complete": False, "shards": []})
+    state.wait_for_everyone()
+    return read_manifest(out)
+
+
 def synthesize(config: SynthesizeConfig, *, pipe=None) -> Path:
     """Generate (or finish, or repair) the dataset described by ``config``; return its folder.
 
@@ -540,16 +556,7 @@ def _synthesize(config: SynthesizeConfig, state, pipe) -> Path:
 
     # 1. A complete data set: verify every shard; damaged ones make it unfinished again, to be regenerated below.
     if existing is not None and existing.get("complete"):
-        if state.is_main_process:
-            damaged = _damaged_shards(out, existing)
-            for entry, why in damaged:
-                print(f"{out}: {why}; regenerating it", flush=True)
-                for suffix in (".safetensors", ".json"):
-                    (out / f"{entry['name']}{suffix}").unlink(missing_ok=True)
-            if damaged:
-                write_manifest(out, {**existing, "complete": False, "shards": []})
-        state.wait_for_everyone()
-        existing = read_manifest(out)
+        existing = verify_complete(out, existing, state, "regenerating it")
         if existing.get("complete"):
             if (existing.get("teacher") or {}).get("id") == config.teacher:
                 if state.is_main_process:
