@@ -528,7 +528,18 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
     phase_s: dict[str, float] = {}  # wall time per phase (the cost of each technique)
     for module in {id(m): m for m in (student_module, networks.heads) if m is not None}.values():
         module.train()
+    profile = recorder = None
+    replay_s = 0.0
+    if cfg.profile_steps > 0:  # the step-cost profile (tlcm.train.profile): steps after the first, replayed networks
+        from tlcm.train.profile import NetworkRecorder, StepProfile, make_clock
+
+        clock, clock_name = make_clock(device)
+        recorder = losses.recorder = NetworkRecorder(networks)
+        profile = StepProfile(clock_name)
     while global_step < cfg.max_steps:
+        profiled = profile is not None and start_step < global_step <= start_step + cfg.profile_steps
+        if profiled:
+            recorder.active, t_step = True, clock()
         micro_batches = [MicroBatch(next(batches), global_step, i,
                                     next(real_batches) if real_batches is not None else None)
                          for i in range(cfg.gradient_accumulation_steps)]
@@ -538,6 +549,11 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
                 t_phase = time.time()
                 logs.update(run_phase(phase, parts, micro_batches, losses, networks, accelerator, cfg, output_dir))
                 phase_s[phase.name] = phase_s.get(phase.name, 0.0) + time.time() - t_phase
+        if profiled:
+            step_s, recorder.active = clock() - t_step, False
+            t_replay = time.time()
+            profile.add(global_step, step_s, recorder.replay(clock, accelerator.autocast))
+            replay_s += time.time() - t_replay
         global_step += 1
         bar.update(1)
 
@@ -553,7 +569,7 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
             validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
     bar.close()
-    loop_s = time.time() - t_loop
+    loop_s = time.time() - t_loop - replay_s  # the profile's replays are not training time
 
     # 6. export -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -577,6 +593,8 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
             "phase_seconds": {k: round(v, 2) for k, v in phase_s.items()},
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
+        if profile is not None:
+            summary["step_profile"] = profile.summary()
         export_output(cfg, pipe, export_student, export_networks, output_dir, summary, validation_grid=grid)
         run.finish(global_step)  # [identity]
     accelerator.wait_for_everyone()
