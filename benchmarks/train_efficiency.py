@@ -171,6 +171,103 @@ def cmd_profile(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ lora vs full
+
+
+def _median_cpu(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times)
+
+
+def cmd_lora_vs_full(args) -> int:
+    """An lcm step of a LoRA and of a full student at SD size, from the networks each must run, measured on one
+    UNet (a full student's run holds six UNet-sized tensors sets: student, gradients, two AdamW moments, teacher, EMA
+    target, ~21 GB at SD1.5 in float32, more than this machine has): LoRA = LoRA fwd+bwd + base fwd at 2B
+    (teacher) + LoRA fwd (target) + AdamW on the LoRA; full = full fwd+bwd + base fwd at 2B + base fwd (EMA target)
+    + AdamW and EMA over every weight (timed on a slice of the weights and scaled by the count: both are
+    elementwise). The profile's step / networks says what the loop adds to either."""
+    import torch
+    from gpu_full_size import Model
+
+    from tlcm.models import Conditioning, encode_prompts
+    from tlcm.train.config import resolve_config
+    from tlcm.train.student import build_networks
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    m = Model(args.model, device, tiny=False)
+    m.unet_config = {**m.unet_config, "sample_size": args.latent}
+    unet = m.unet()
+    pipe = m.pipeline(unet)
+    size = args.latent * pipe.vae_scale_factor
+    b = args.batch
+    cond1 = encode_prompts(pipe, ["a photo of a cat"], size, size)
+    cond, cond2 = Conditioning.cat([cond1] * b), Conditioning.cat([cond1] * (2 * b))
+    g = torch.Generator().manual_seed(0)
+    z, z2 = torch.randn(b, 4, args.latent, args.latent, generator=g), torch.randn(2 * b, 4, args.latent, args.latent,
+                                                                                    generator=g)
+    t, t2 = torch.full((b,), 499), torch.full((2 * b,), 499)
+    n_all = sum(p.numel() for p in unet.parameters())
+    row = {"model": args.model, "latent": args.latent, "batch": b, "parameters_M": round(n_all / 1e6, 1)}
+    with torch.no_grad():
+        row["base fwd (2B, teacher)"] = _median_cpu(lambda: unet(z2, t2, **cond2.unet_kwargs()), args.repeats)
+        row["base fwd (B, EMA target)"] = _median_cpu(lambda: unet(z, t, **cond.unet_kwargs()), args.repeats)
+    unet.requires_grad_(True)
+
+    def fwd_bwd(params):
+        def run():
+            unet(z, t, **cond.unet_kwargs()).sample.float().pow(2).mean().backward()
+            for p in params:
+                p.grad = None
+        return run
+
+    row["full fwd+bwd"] = _median_cpu(fwd_bwd(list(unet.parameters())), args.repeats)
+    # AdamW and EMA over every weight: timed on a slice (elementwise, so linear in the count)
+    chunk = min(n_all, 50_000_000)
+    w = torch.nn.Parameter(torch.randn(chunk, generator=g))
+    w.grad = torch.randn(chunk, generator=g)
+    opt = torch.optim.AdamW([w], lr=1e-4)
+    row["AdamW (all weights)"] = _median_cpu(opt.step, args.repeats) * n_all / chunk
+    ema = torch.randn(chunk, generator=g)
+    row["EMA (all weights)"] = _median_cpu(lambda: ema.lerp_(w.detach(), 0.05), args.repeats) * n_all / chunk
+    opt = w = ema = None  # free the slice
+    unet.requires_grad_(False)
+    cfg = resolve_config(f"{args.model}-lcm")
+    nets = build_networks(unet, cfg)
+    lora = nets.student_parameters()
+    row["lora_parameters_M"] = round(sum(p.numel() for p in lora) / 1e6, 1)
+    row["LoRA fwd+bwd"] = _median_cpu(fwd_bwd(lora), args.repeats)
+    with torch.no_grad():
+        row["LoRA fwd (B, target)"] = _median_cpu(lambda: unet(z, t, **cond.unet_kwargs()), args.repeats)
+    for p in lora:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(lora, lr=1e-4)
+    row["AdamW (LoRA)"] = _median_cpu(opt.step, args.repeats)
+    row["lora_step_s"] = (row["LoRA fwd+bwd"] + row["base fwd (2B, teacher)"] + row["LoRA fwd (B, target)"]
+                          + row["AdamW (LoRA)"])
+    row["full_step_s"] = (row["full fwd+bwd"] + row["base fwd (2B, teacher)"] + row["base fwd (B, EMA target)"]
+                          + row["AdamW (all weights)"] + row["EMA (all weights)"])
+    row["full_over_lora"] = row["full_step_s"] / row["lora_step_s"]
+    print(json.dumps(row, indent=1))
+    keys = [k for k in row if k not in ("model", "latent", "batch", "parameters_M", "lora_parameters_M")]
+    table = "| quantity | CPU s |\n|---|---:|\n" + "\n".join(
+        f"| {k} | {row[k]:.3f} |" for k in keys if isinstance(row[k], float))
+    if args.write:
+        cmd = "python benchmarks/train_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        update_section(f"lora-vs-full-{args.model}", f"## LoRA vs full student at {args.model} size (lcm step, from "
+                       f"its networks)\n\nCommand: `{cmd}` — {machine()}, {args.threads} torch thread(s), process "
+                       f"CPU time, median of {args.repeats}. {row['parameters_M']} M UNet parameters, "
+                       f"{row['lora_parameters_M']} M LoRA parameters (the {args.model}-lcm preset), batch {b}, "
+                       f"{args.latent}x{args.latent} latents. {cmd_lora_vs_full.__doc__.split('.', 1)[1].strip()}"
+                       f"\n\n" + table + "\n")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- compare
 
 
@@ -182,14 +279,15 @@ def _worktree(base: str, root: Path) -> Path:
     return path
 
 
-def _run_distill(src: Path, args, recipe: str, steps: int, out: Path, data: Path, init: Path | None) -> float:
+def _run_distill(src: Path, args, recipe: str, steps: int, out: Path, data: Path, init: Path | None,
+                 extra: list[str] = ()) -> float:
     """``tlcm distill`` by the code in ``src``; the child's CPU seconds (user + system)."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "tlcm.cli", "distill", "--preset", f"toy-{recipe}", "--data", str(data),
            "--output-dir", str(out), "--max-steps", str(steps), "--no-progress", "--set", f"batch_size={args.batch}",
-           "--set", f"checkpointing_steps={steps}", "--set", "validation_steps=0", "--set", "validation_prompts=[]",
-           *[x for s in args.set for x in ("--set", s)]]
+           "--set", "checkpointing_steps=0", "--set", "validation_steps=0", "--set", "validation_prompts=[]",
+           *[x for s in [*args.set, *extra] for x in ("--set", s)]]
     if init is not None:
         cmd += ["--set", f"init_lora={init}"]
     env = {**os.environ, "PYTHONPATH": str(src / "src"), "OMP_NUM_THREADS": str(args.threads),
@@ -238,8 +336,11 @@ def cmd_compare(args) -> int:
         same = True
         for rep in range(args.repeats):
             for name in (codes if rep % 2 == 0 else list(reversed(list(codes)))):  # interleaved, order alternating
-                short = _run_distill(codes[name], args, recipe, args.short, work / f"{name}-{recipe}-s", data, init)
-                long = _run_distill(codes[name], args, recipe, args.long, work / f"{name}-{recipe}-l", data, init)
+                extra = args.new_set if name == "new" else []
+                short = _run_distill(codes[name], args, recipe, args.short, work / f"{name}-{recipe}-s", data, init,
+                                     extra)
+                long = _run_distill(codes[name], args, recipe, args.long, work / f"{name}-{recipe}-l", data, init,
+                                    extra)
                 per[name].append((long - short) / (args.long - args.short))
             same = same and _adapter_bytes(work / f"base-{recipe}-l") == _adapter_bytes(work / f"new-{recipe}-l")
         row = {"recipe": recipe, "batch": args.batch, "base_s": statistics.median(per["base"]),
@@ -250,13 +351,16 @@ def cmd_compare(args) -> int:
     lines = ["| recipe | batch | base CPU s/step | new CPU s/step | speedup | exported adapters byte-identical |",
              "|---|---:|---:|---:|---:|---|"]
     for r in rows:
+        same = "yes" if r["adapters_identical"] else ("no (options change rounding)" if args.new_set else "NO")
         lines.append(f"| {r['recipe']} | {r['batch']} | {r['base_s']:.3f} | {r['new_s']:.3f} | "
-                     f"**{r['speedup']:.2f}x** | {'yes' if r['adapters_identical'] else 'NO'} |")
+                     f"**{r['speedup']:.2f}x** | {same} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
         cmd = "python benchmarks/train_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        update_section("compare", f"## Old vs new, side by side (toy teacher, batch {args.batch})\n\n"
+        name = "compare" + ("-" + "-".join(args.new_set) if args.new_set else "")
+        update_section(name, f"## Old vs new, side by side (toy teacher, batch {args.batch}"
+                       f"{', new with ' + ', '.join(args.new_set) if args.new_set else ''})\n\n"
                        f"Command: `{cmd}` — {machine()}, {args.threads} thread(s). Base {base[:10]}, new "
                        f"{head[:10]}{' + uncommitted changes' if dirty else ''}. CPU s/step = (CPU({args.long} steps) "
                        f"- CPU({args.short} steps)) / {args.long - args.short} of the `tlcm distill` child "
@@ -293,10 +397,19 @@ def main(argv=None) -> int:
     c.add_argument("--data", help="existing toy shards (default: synthesize into WORK/data)")
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--set", action="append", default=[], help="extra config override for both (repeatable)")
+    c.add_argument("--new-set", action="append", default=[],
+                   help="config override for the new code only (an option the base does not know; repeatable)")
     c.add_argument("--work")
     c.add_argument("--write", action="store_true")
+    f = sub.add_parser("lora-vs-full", help="an lcm step of a LoRA and a full student at SD size, from its networks")
+    f.add_argument("--model", default="sd15")
+    f.add_argument("--latent", type=int, default=16)
+    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--write", action="store_true")
     args = p.parse_args(argv)
-    return cmd_profile(args) if args.cmd == "profile" else cmd_compare(args)
+    return {"profile": cmd_profile, "compare": cmd_compare, "lora-vs-full": cmd_lora_vs_full}[args.cmd](args)
 
 
 if __name__ == "__main__":
