@@ -108,3 +108,25 @@ def test_merged_no_grad_trains(tiny_cfg, dataset_fn, tmp_path):
     moved = sum(float((a[k] - init[k]).abs().sum()) for k in a)
     differ = sum(float((a[k] - b[k]).abs().sum()) for k in a)
     assert moved > 0 and differ < 1e-2 * moved  # rounding-level differences next to two optimiser steps
+
+
+def test_profile_of_the_multi_part_phases_trains_the_same_bytes(tiny_cfg, dataset_fn, tmp_path):
+    """DMD + GAN (on the teacher) + reward: the fake score, the discriminator, the VAE decoder and the reward are
+    replayed in their own roles; a profiled run writes the same student and the same fake adapter."""
+    from tests.losses.test_reward import save_clip, tiny_clip
+
+    reward = f"clip:{save_clip(tmp_path / 'clip', tiny_clip(0))}"
+    multi = dict(recipe="mlcd", dmd_weight=1.0, gan_weight=0.1, gan_backbone="teacher", student_sample_steps=[1, 2],
+                 gan_real_steps=2, max_steps=3, reward_weight=0.5, reward_model=reward, reward_sample_steps=[1],
+                 validation_prompts=[], learning_rate=1e-2, fake_learning_rate=1e-2, disc_learning_rate=1e-2,
+                 checkpointing_steps=3)
+    outs = {}
+    for steps in (0, 2):
+        cfg = tiny_cfg(output_dir=str(tmp_path / f"p{steps}"), profile_steps=steps, **multi)
+        outs[steps] = distill(cfg, pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn, log_with=None, progress=False)
+    for name in ("adapter/adapter_model.safetensors", "checkpoints/checkpoint-3/fake_lora.safetensors",
+                 "checkpoints/checkpoint-3/discriminator_heads.safetensors"):
+        assert (outs[0] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    prof = json.loads((outs[2] / "train_summary.json").read_text())["step_profile"]
+    assert {"student fwd+bwd", "student fwd", "teacher fwd", "fake fwd", "fake fwd+bwd", "discriminator fwd+bwd",
+            "vae decode fwd+bwd", "reward fwd+bwd"} <= set(prof["networks"]), prof["networks"]
