@@ -7,9 +7,9 @@ every network evaluation of a step is replayed alone on the same inputs and time
 whole step over their sum (1.0: the loop adds nothing). The first step is a warm-up and is not profiled. Times are
 process CPU time at one torch thread (``--threads``), so a shared machine disturbs them less than wall time.
 
-``compare``: the same ``tlcm distill`` commands (toy teacher, in-memory-free: real shards from ``--data`` or
-synthesized into WORK) run by the commit under test and by ``--base`` (checked out into a temporary git worktree),
-interleaved, each twice (``--short`` and ``--long`` steps): CPU s/step = difference of the child's user+system time
+``compare``: the same ``tlcm distill`` commands (toy teacher, real shards from ``--data`` or synthesized into WORK)
+run by the code under test and by ``--base`` (its ``src/`` exported with ``git archive`` into WORK), interleaved,
+each twice (``--short`` and ``--long`` steps): CPU s/step = difference of the child's user+system time
 over the difference of steps (loading and export cancel), median over ``--repeats``. The exported adapters of equal
 commands are compared byte for byte (the changes must not change results where the maths is unchanged).
 
@@ -272,10 +272,16 @@ def cmd_lora_vs_full(args) -> int:
 
 
 def _worktree(base: str, root: Path) -> Path:
+    """The base commit's ``src/`` exported into ``root`` (``git archive``: the repository's worktrees untouched)."""
     path = root / f"base-{base[:12]}"
     if not (path / "src" / "tlcm").is_dir():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), base], check=True,
-                       stdout=subprocess.DEVNULL)
+        tmp = root / f".tmp-base-{base[:12]}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", base, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        os.replace(tmp, path)
     return path
 
 
