@@ -48,6 +48,7 @@ FREE_ON_RESUME = (
     "teacher", "data", "init_lora", "output_dir", "device", "logging_steps", "checkpointing_steps",
     "checkpoints_total_limit", "validation_steps", "validation_prompts", "validation_num_steps",
     "sampling_guidance_scale", "sampling_steps", "timestep_grid", "gradient_checkpointing", "allow_teacher_mismatch",
+    "profile_steps",
 )
 # Keys that change training from the resumed step on. The new value is applied and recorded: the learning rates
 # (learning_rate: the student's, and the fake score's when fake_learning_rate is 0; fake_learning_rate;

@@ -325,6 +325,8 @@ def run_phase(phase: PhaseSpec, parts: dict[str, Part], micro_batches: list[Micr
     part.sync_gradients(accelerator)
     grad_norm = accelerator.clip_grad_norm_(part.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     part.optimizer.step()
+    if part.name == "student":
+        networks.student_stepped()  # merged LoRA weights (lora_merged_no_grad) are stale
     part.lr_scheduler.step()
     part.updates += 1
     if part.ema is not None:
@@ -480,6 +482,8 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
     phases = recipe_phases(cfg)
     distributed.refuse_multi_part(accelerator, len(recipe_parts(cfg)))  # several parts: one process or DDP
     sharded = distributed.shard_networks(accelerator, networks, cfg)  # FSDP launches only; before the optimisers
+    if sharded and cfg.lora_merged_no_grad:
+        raise TLCMError("lora_merged_no_grad does not work with FSDP-sharded weights", "drop lora_merged_no_grad")
     parts, student_module = build_parts(cfg, networks, accelerator, sharded)
     networks.set_trainable(parts["student"].params)
     train_state = TrainState(parts)
@@ -528,7 +532,18 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
     phase_s: dict[str, float] = {}  # wall time per phase (the cost of each technique)
     for module in {id(m): m for m in (student_module, networks.heads) if m is not None}.values():
         module.train()
+    profile = recorder = None
+    replay_s = 0.0
+    if cfg.profile_steps > 0:  # the step-cost profile (tlcm.train.profile): steps after the first, replayed networks
+        from tlcm.train.profile import NetworkRecorder, StepProfile, make_clock
+
+        clock, clock_name = make_clock(device)
+        recorder = losses.recorder = NetworkRecorder(networks)
+        profile = StepProfile(clock_name)
     while global_step < cfg.max_steps:
+        profiled = profile is not None and start_step < global_step <= start_step + cfg.profile_steps
+        if profiled:
+            recorder.active, t_step = True, clock()
         micro_batches = [MicroBatch(next(batches), global_step, i,
                                     next(real_batches) if real_batches is not None else None)
                          for i in range(cfg.gradient_accumulation_steps)]
@@ -538,6 +553,11 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
                 t_phase = time.time()
                 logs.update(run_phase(phase, parts, micro_batches, losses, networks, accelerator, cfg, output_dir))
                 phase_s[phase.name] = phase_s.get(phase.name, 0.0) + time.time() - t_phase
+        if profiled:
+            step_s, recorder.active = clock() - t_step, False
+            t_replay = time.time()
+            profile.add(global_step, step_s, recorder.replay(clock, accelerator.autocast))
+            replay_s += time.time() - t_replay
         global_step += 1
         bar.update(1)
 
@@ -553,7 +573,7 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
         if cfg.validation_steps > 0 and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
             validate(cfg, pipe, raw_student, networks, schedule, encoder, accelerator, global_step, log_with)
     bar.close()
-    loop_s = time.time() - t_loop
+    loop_s = time.time() - t_loop - replay_s  # the profile's replays are not training time
 
     # 6. export -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -577,6 +597,8 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
             "phase_seconds": {k: round(v, 2) for k, v in phase_s.items()},
             "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         }
+        if profile is not None:
+            summary["step_profile"] = profile.summary()
         export_output(cfg, pipe, export_student, export_networks, output_dir, summary, validation_grid=grid)
         run.finish(global_step)  # [identity]
     accelerator.wait_for_everyone()

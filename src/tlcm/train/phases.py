@@ -122,6 +122,11 @@ class StepLosses:
         self.path_edges = torch.from_numpy(segment_edges(n_path, 1000, cfg.num_ddim_timesteps))
         self.embed_dim = (getattr(networks.student.config, "time_cond_proj_dim", None)
                           if cfg.guidance_embedding else None)
+        self.recorder = None  # a tlcm.train.profile.NetworkRecorder while a step is profiled (profile_steps)
+
+    def _net(self, label: str, fn, role: str = "student"):
+        """``fn``, recorded for the step-cost profile when one is on (:mod:`tlcm.train.profile`)."""
+        return fn if self.recorder is None else self.recorder.wrap(label, fn, role)
 
     # --- shared inputs ----------------------------------------------------------------------------------------------
 
@@ -151,23 +156,37 @@ class StepLosses:
     # --- the networks as callables over (z, t) --------------------------------------------------------------------
 
     def student_fn(self, cond, t_cond=None):
-        return unet_fn(self.student_module, cond, t_cond)
+        return self._net("student", unet_fn(self.student_module, cond, t_cond))
 
-    def target_fn(self, cond, t_cond=None):
+    def target_fn(self, cond, t_cond=None, label: str = "target"):
         nets = self.networks
-        return unet_fn(nets.target_unet if nets.target_unet is not None else self.raw_student, cond, t_cond)
+        if nets.target_unet is None and self.cfg.lora_merged_no_grad:
+            return self.merged_fn(cond, t_cond, label)
+        return self._net(label, unet_fn(nets.target_unet if nets.target_unet is not None else self.raw_student, cond,
+                                        t_cond))
+
+    def merged_fn(self, cond, t_cond=None, label: str = "target"):
+        """The LoRA student without gradient, its adapter merged into the base weights (``lora_merged_no_grad``)."""
+        kwargs = cond.unet_kwargs()
+
+        def fn(z, t):
+            with torch.no_grad(), self.networks.use("teacher"):
+                return self._net(label, lambda z, t: self.networks.merged_student(
+                    z, t, timestep_cond=t_cond, **kwargs, return_dict=False)[0], "teacher")(z, t)
+
+        return fn
 
     def teacher_fn(self, cond, uncond, guided: bool):
         def fn(z, t):
             with torch.no_grad(), self.networks.use("teacher") as unet:
-                return guided_fn(unet, cond, uncond, guided)(z, t)
+                return self._net("teacher", guided_fn(unet, cond, uncond, guided), "teacher")(z, t)
 
         return fn
 
     def fake_fn(self, cond):
         def fn(z, t):
             with self.networks.use("fake") as unet:
-                return unet_fn(unet, cond)(z, t)
+                return self._net("fake", unet_fn(unet, cond), "fake")(z, t)
 
         return fn
 
@@ -179,8 +198,10 @@ class StepLosses:
         role = "fake" if self.cfg.gan_backbone == "fake" else "teacher"
         heads = self.networks.heads
         with self.networks.use(role) as unet:
-            feats = unet_features(unet, z, t, cond.unet_kwargs(), heads.blocks)
-        return heads(feats)
+            def fn(z, t):
+                return heads(unet_features(unet, z, t, cond.unet_kwargs(), heads.blocks))
+
+            return self._net("discriminator", fn, role)(z, t)
 
     # --- the student's own samples ----------------------------------------------------------------------------------
 
@@ -189,7 +210,12 @@ class StepLosses:
         plan = sampling_plan(self.cfg, steps)
         noise = torch.randn(shape, generator=gen).to(self.device)
         renoise = [torch.randn(shape, generator=gen).to(self.device) for _ in plan.timesteps]
-        net = self.student_fn(cond) if grad else unet_fn(self.raw_student, cond)
+        if grad:
+            net = self.student_fn(cond)
+        elif self.networks.is_lora and self.cfg.lora_merged_no_grad:
+            net = self.merged_fn(cond, label="student")
+        else:
+            net = self._net("student", unet_fn(self.raw_student, cond))
         with contextlib.nullcontext() if grad else torch.no_grad():
             return backward_simulation(net, noise, plan.timesteps, self.schedule, plan.mode, plan.boundary, renoise)
 
@@ -251,7 +277,8 @@ class StepLosses:
             if cfg.stage2_source == "student":
                 plan = stage2_source_plan(cfg)
                 start = torch.randn(x0.shape, generator=gen).to(device)
-                x0 = multistep_sample(target, start, plan.timesteps, schedule, plan.mode, plan.boundary)
+                x0 = multistep_sample(self.target_fn(cond, t_cond, "stage-2 sampling"), start, plan.timesteps,
+                                      schedule, plan.mode, plan.boundary)
             return tlcm_loss(student, target, teacher, x0, noise, times["t_hi"].to(device), times["t_lo"].to(device),
                              w, schedule, cfg.stage2_substeps, "none", kind, cfg.huber_c)
         t = times["t_start"].to(device)
@@ -323,12 +350,13 @@ class StepLosses:
         cond, _ = self.conditioning(mb)
         steps = self.choose_steps(mb, cfg.reward_sample_steps, REWARD)
         x = self._walk(mb, cond, steps, self.gen(mb, REWARD), grad=True)
-        images = decode_for_reward(self.vae, x)  # the pipeline's image; straight-through clamp
+        images = self._net("vae decode", lambda x: decode_for_reward(self.vae, x))(x)  # straight-through clamp
         prompts = list(mb.batch["prompt"])
-        r = self.reward(images, prompts)
+        r = self._net("reward", lambda im: self.reward(im, prompts))(images)
         r_mismatch = None
         if cfg.reward_kind == "hinge" and getattr(self.reward, "conditional", True):
-            r_mismatch = self.reward(images, self.mismatched(mb, prompts))
+            other = self.mismatched(mb, prompts)
+            r_mismatch = self._net("reward", lambda im: self.reward(im, other))(images)
         return reward_loss(r, r_mismatch, cfg.reward_kind, self.reward_margin, cfg.reward_mismatch_margin)
 
     def mismatched(self, mb: MicroBatch, prompts: list[str]) -> list[str]:
