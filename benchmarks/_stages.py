@@ -70,8 +70,11 @@ def synthesized(shards: Path):
 def resume_flag(run_dir: Path) -> list[str]:
     """How to re-run an interrupted distillation stage: ``--resume latest`` when it left checkpoints (distill continues
     it bit-identically); ``--overwrite`` when it was killed before its first checkpoint (distill refuses a folder
-    holding another run, and there is nothing to continue); nothing for a new stage. A finished stage is skipped."""
+    holding another run, and there is nothing to continue); nothing for a new stage, nor for a finished one (its
+    output folder has the model card: the stage is skipped and its command is shown as it first ran)."""
     run_dir = Path(run_dir)
+    if (run_dir / "README.md").is_file() and (run_dir / "train_summary.json").is_file():
+        return []
     ckpts = run_dir / "checkpoints"
     if ckpts.is_dir() and any(ckpts.glob("checkpoint-*")):
         return ["--resume", "latest"]

@@ -260,7 +260,8 @@ def main() -> int:
         costs,
         "",
         f"The whole chain (stage 1 + stage 2 + reward + DMD/GAN) trained in {chain_total / 60:.1f} minutes "
-        "(sum of its phases' wall time; bar: under 30 minutes on 2 CPU cores).",
+        "(sum of its phases' wall time; bar: under 30 minutes on 2 CPU cores). Wall times include whatever else ran "
+        "on the machine; `benchmarks/results/train_efficiency.md` has each recipe's CPU seconds per step.",
         "",
         "## Stages",
         "",

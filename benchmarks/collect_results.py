@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["toy", "synthesize", "distill", "train_efficiency", "evaluate", "transfer", "negative_prompt"]
+ORDER = ["toy", "synthesize", "distill", "ablation", "train_efficiency", "evaluate", "transfer", "negative_prompt"]
 HEADER = """# Benchmark results
 
 Every table below was produced by a script in `benchmarks/`; each section names the exact command, the machine and

@@ -283,6 +283,9 @@ def test_failing_stage_stops_the_benchmark_and_interrupted_runs_resume(tmp_path)
     assert st.resume_flag(run) == ["--overwrite"]  # killed before its first checkpoint: nothing to continue
     (run / "checkpoints" / "checkpoint-100").mkdir(parents=True)
     assert st.resume_flag(run) == ["--resume", "latest"]
+    (run / "README.md").write_text("card")
+    (run / "train_summary.json").write_text("{}")
+    assert st.resume_flag(run) == []  # finished: skipped, shown as it first ran
     # the toy-assets wrapper is shown as the tlcm command a user would type
     old = st.TOY_ASSETS
     try:
