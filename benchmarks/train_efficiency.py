@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -152,10 +153,12 @@ def cmd_profile(args) -> int:
                 if preset.startswith("tlcm") and student == "lora" and init is None:
                     init = Path(profile_run(model, "mlcd", "lora", 1 + 1, args.latent, args.batch, work / "init",
                                             None, overrides, device)["out"])
+                    gc.collect()
                 t0 = time.time()
                 row = profile_run(model, preset, student, args.steps + 1, args.latent, args.batch, work, init,
                                   overrides, device)
                 row["wall_s"] = round(time.time() - t0, 1)
+                gc.collect()  # each run builds its own teacher: at SDXL size two alive at once exceed 23 GB
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     table = profile_table(rows)
