@@ -16,9 +16,10 @@ HEADER = ("# Evaluation benchmarks\n\nWritten by the scripts in `benchmarks/` (e
           "section names its command, machine and date).\n")
 
 
-def update_section(name: str, body: str, path: Path = RESULTS) -> Path:
+def update_section(name: str, body: str, path: Path = RESULTS, header: str = HEADER) -> Path:
+    """Write section ``name`` of ``path`` (a new file starts with ``header``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.is_file() else HEADER
+    text = path.read_text() if path.is_file() else header
     block = f"<!-- BEGIN {name} -->\n{body.rstrip()}\n<!-- END {name} -->"
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -39,6 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_efficiency.md"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results  # noqa: E402
+
+HEADER = ("# Training at the network's speed (issue #14 item 1)\n\n"
+          "Written by `benchmarks/train_efficiency.py`; each section names its command, machine and date.\n")
 
 RECIPES = ("lcm", "mlcd", "tlcm")
 TOY_PHASES = ("tlcm-dmd", "tlcm-reward")  # the toy presets of the paper's later phases (DMD+GAN, preference)
@@ -49,19 +53,12 @@ TOY_PHASES = ("tlcm-dmd", "tlcm-reward")  # the toy presets of the paper's later
 
 def update_section(name: str, text: str) -> None:
     """Replace (or append) the ``<!-- BEGIN name -->`` section of results/train_efficiency.md."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    old = RESULTS.read_text() if RESULTS.is_file() else (
-        "# Training at the network's speed (issue #14 item 1)\n\n"
-        "Written by `benchmarks/train_efficiency.py`; each section names its command, machine and date.\n")
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    fd, tmp = tempfile.mkstemp(dir=RESULTS.parent, prefix=".train_efficiency.")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.replace(tmp, RESULTS)
+    _results.update_section(name, text, RESULTS, HEADER)
+
+
+def command_line() -> str:
+    """This run's command, for the results file."""
+    return "python benchmarks/train_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def machine() -> str:
@@ -166,7 +163,7 @@ def cmd_profile(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.write:
-        cmd = "python benchmarks/train_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        cmd = command_line()
         name = "profile-" + "-".join(args.models.split(","))
         update_section(name, f"## Step-cost profile: {args.models}\n\nCommand: `{cmd}` — {machine()}, "
                        f"{args.threads} torch thread(s); clock: {rows[0]['clock'] if rows else '-'}; median over "
@@ -195,12 +192,8 @@ def _median_cpu(fn, repeats: int) -> float:
 
 
 def cmd_lora_vs_full(args) -> int:
-    """An lcm step of a LoRA and of a full student at SD size, from the networks each must run, measured on one
-    UNet (a full student's run holds six UNet-sized tensors sets: student, gradients, two AdamW moments, teacher, EMA
-    target, ~21 GB at SD1.5 in float32, more than this machine has): LoRA = LoRA fwd+bwd + base fwd at 2B
-    (teacher) + LoRA fwd (target) + AdamW on the LoRA; full = full fwd+bwd + base fwd at 2B + base fwd (EMA target)
-    + AdamW and EMA over every weight (timed on a slice of the weights and scaled by the count: both are
-    elementwise). The profile's step / networks says what the loop adds to either."""
+    """An lcm step of a LoRA and of a full student at SD size, from the networks each must run (``LORA_VS_FULL``
+    says which, and why one UNet stands in for a full run)."""
     import torch
     from gpu_full_size import Model
 
@@ -268,7 +261,7 @@ def cmd_lora_vs_full(args) -> int:
     table = "| quantity | CPU s |\n|---|---:|\n" + "\n".join(
         f"| {k} | {row[k]:.3f} |" for k in keys if isinstance(row[k], float))
     if args.write:
-        cmd = "python benchmarks/train_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        cmd = command_line()
         update_section(f"lora-vs-full-{args.model}", f"## LoRA vs full student at {args.model} size (lcm step, from "
                        f"its networks)\n\nCommand: `{cmd}` — {machine()}, {args.threads} torch thread(s), process "
                        f"CPU time, median of {args.repeats}. {row['parameters_M']} M UNet parameters, "
@@ -373,7 +366,7 @@ def cmd_compare(args) -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        cmd = "python benchmarks/train_efficiency.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        cmd = command_line()
         name = "compare" + ("-" + "-".join(args.new_set) if args.new_set else "")
         update_section(name, f"## Old vs new, side by side (toy teacher, batch {args.batch}"
                        f"{', new with ' + ', '.join(args.new_set) if args.new_set else ''})\n\n"
