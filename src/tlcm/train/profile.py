@@ -68,7 +68,7 @@ class NetworkRecorder:
             if self.active:
                 self.calls.append(Call(label, fn, tuple(_detach(a) for a in args),
                                        tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in args),
-                                       torch.is_grad_enabled(), role, frozenset(self.networks._trainable)))
+                                       torch.is_grad_enabled(), role, self.networks.trainable_ids()))
             return fn(*args)
 
         return recorded
@@ -77,12 +77,11 @@ class NetworkRecorder:
         """Run every recorded call again alone (forward, and backward when it carried a graph); seconds per label.
         Gradients the replay leaves are dropped (the step's optimisers have already stepped and zeroed)."""
         nets = self.networks
-        saved = set(nets._trainable)
+        saved = nets.trainable_ids()
         out: dict[str, float] = {}
         try:
             for call in self.calls:
-                nets._trainable = set(call.trainable)
-                nets._apply_trainable()
+                nets.set_trainable_ids(call.trainable)
                 args = tuple(a.clone().requires_grad_(True) if g else a for a, g in zip(call.args, call.grad_args))
                 with nets.use(call.role), autocast(), torch.set_grad_enabled(call.grad):
                     t0 = clock()
@@ -97,10 +96,8 @@ class NetworkRecorder:
                 del res, outs, args
         finally:
             self.calls.clear()
-            nets._trainable = saved
-            nets._apply_trainable()
-            for p in nets._all_trainable():
-                p.grad = None
+            nets.set_trainable_ids(saved)
+            nets.drop_grads()
         return out
 
 

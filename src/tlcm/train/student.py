@@ -110,8 +110,20 @@ class Networks:
     def set_trainable(self, params: list[torch.nn.Parameter]) -> None:
         """Make exactly ``params`` require gradients (among the student, fake adapter and heads); kept across
         adapter switches until the next call."""
-        self._trainable = {id(p) for p in params}
+        self.set_trainable_ids({id(p) for p in params})
+
+    def trainable_ids(self) -> frozenset[int]:
+        """The current trainable set (``id`` of each parameter), to restore later with :meth:`set_trainable_ids`."""
+        return frozenset(self._trainable)
+
+    def set_trainable_ids(self, ids) -> None:
+        self._trainable = set(ids)
         self._apply_trainable()
+
+    def drop_grads(self) -> None:
+        """Forget every gradient of the student, fake adapter and heads."""
+        for p in self._all_trainable():
+            p.grad = None
 
     def _apply_trainable(self, params: list[torch.nn.Parameter] | None = None) -> None:
         if not self._trainable:
