@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stages import Stages, is_done, resume_flag, synthesized, tlcm_cmd  # noqa: E402,F401
+from _stages import Stages, resume_flag, synthesized, tlcm_cmd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "transfer.md"
