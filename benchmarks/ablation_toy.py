@@ -185,7 +185,7 @@ def main() -> int:
               out / "images" / "train" / "metadata.jsonl")
     stages.run("encode real images", tlcm_cmd("encode-images", "--images", str(out / "images" / "train"), "--teacher",
                                              "toy", "--out", str(real), "--records-per-shard",
-                                             str(min(256, records))), real / "manifest.json")
+                                             str(min(256, records))), synthesized(real))
     # the whole chain (its phases are the shared starting points of the ablation rows); --set for --quick
     chain_q = ["--set", "max_steps=2", "--set", "checkpointing_steps=0"] if args.quick else []
     s1 = [] if args.quick or args.stage1_steps is None else ["--set", f"max_steps={args.stage1_steps}"]

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_efficiency.md"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _results  # noqa: E402
+from _stages import synthesized  # noqa: E402
 
 HEADER = ("# Training at the network's speed (issue #14 item 1)\n\n"
           "Written by `benchmarks/train_efficiency.py`; each section names its command, machine and date.\n")
@@ -324,7 +325,7 @@ def cmd_compare(args) -> int:
                                 text=True).stdout.strip())
     codes = {"base": _worktree(base, work), "new": REPO}
     data = Path(args.data) if args.data else work / "data"
-    if not (data / "manifest.json").is_file():
+    if not synthesized(data)():  # none yet, or a killed synthesize: (re)run it, it resumes
         from tlcm.toy import world_of_model
         from tlcm.toy.worlds import get_world
 
