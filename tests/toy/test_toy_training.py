@@ -144,6 +144,25 @@ def test_teacher_path_assembles_an_atomic_cache_from_assets(tiny_world, tmp_path
         teacher_path(tmp_path / "nothing")
 
 
+def test_teacher_can_start_from_a_trained_unet_of_the_same_architecture(tiny_world, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    root, _, _ = tiny_world
+    base = dict(data=str(root / "data"), vae=str(root / "vae" / "vae"), block_out_channels=(32, 32), batch_size=4,
+                warmup_steps=1, sample_prompts=0, threads=1, init_unet=str(root / "teacher" / "pipeline"))
+    # one step at learning rate 0: AdamW, weight decay and the EMA all leave the init's weights exactly as they were
+    teacher.train_teacher(teacher.TeacherConfig(**base, steps=1, lr=0.0), tmp_path / "same", progress=False)
+    init = UNet2DConditionModel.from_pretrained(str(root / "teacher" / "unet")).state_dict()
+    saved = UNet2DConditionModel.from_pretrained(str(tmp_path / "same" / "unet")).state_dict()
+    assert init.keys() == saved.keys() and all(torch.equal(init[k], saved[k]) for k in init)
+    with pytest.raises(TLCMError, match="block_out_channels"):
+        teacher.train_teacher(teacher.TeacherConfig(**{**base, "block_out_channels": (32, 64)}, steps=1),
+                              tmp_path / "other", progress=False)
+    with pytest.raises(TLCMError, match="not a UNet folder"):
+        teacher.train_teacher(teacher.TeacherConfig(**{**base, "init_unet": str(tmp_path)}, steps=1),
+                              tmp_path / "none", progress=False)
+
+
 def test_teacher_trainer_refuses_missing_inputs(tmp_path):
     with pytest.raises(TLCMError):
         teacher.train_teacher(teacher.TeacherConfig(data=str(tmp_path), vae=str(tmp_path)), tmp_path / "out")

@@ -66,6 +66,9 @@ def evaluate_scenes_teacher(pipe, metrics, n_heldin: int = 300, n_heldout: int =
             "prompts": n,
             "alignment": round(metrics.alignment(gen, prompts), 4),
             "alignment_per_claim": metrics.alignment_per_attribute(gen, prompts),
+            # which attribute of the object claims fails (real images next to it: what the classifier can read)
+            "object_attributes": metrics.object_attribute_rates(gen, prompts),
+            "object_attributes_real": metrics.object_attribute_rates(real_a, prompts),
             "alignment_real": round(metrics.alignment(real_a, prompts), 4),
             "alignment_vae_roundtrip": round(metrics.alignment(recon_a, prompts), 4),
             "toy_fid": round(metrics.toy_fid(gen, real_a), 4),

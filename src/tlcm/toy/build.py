@@ -361,6 +361,11 @@ def report_markdown(p: dict) -> str:
             per = ev[key].get("alignment_per_attribute") or ev[key].get("alignment_per_claim")
             kind = "attribute" if "alignment_per_attribute" in ev[key] else "claim kind"
             lines.append(f"\n{key} alignment per {kind}: {per}")
+            if "object_attributes" in ev[key]:
+                gen, real = ev[key]["object_attributes"], ev[key].get("object_attributes_real", {})
+                split = ", ".join(f"{a} {r['rate']} ({real.get(a, {}).get('rate', '-')})" for a, r in gen.items())
+                lines.append(f"\n{key} object claims split into one-attribute queries (real images in brackets): "
+                             f"{split}")
     if "diversity" in ev:
         d = ev["diversity"]
         lines += ["", f"Per-prompt diversity (mean pairwise feature distance among {d['seeds']} seeds of each of "

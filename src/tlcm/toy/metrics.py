@@ -244,6 +244,18 @@ class ToyMetrics:
             out.append({k: [shapes.CLASSES[k][int(pred[k][i])] == v] for k, v in attrs.items()})
         return out
 
+    def object_attribute_rates(self, images, prompts: list[str]) -> dict[str, dict]:
+        """v4: each object claim split into one-attribute queries, the confirmed share per attribute
+        (:meth:`tlcm.toy.scene_metrics.SceneMetricsModel.object_attribute_hits`). v3 has no object claims: its
+        :meth:`alignment_per_attribute` is already per attribute."""
+        if self.scene is None:
+            raise TLCMError("one-attribute object queries exist only in the scenes world (v4)",
+                            "for a v3 model use alignment_per_attribute, which is per attribute already")
+        x = torch.cat(list(self._batches(images)))
+        if len(prompts) != len(x):
+            raise TLCMError(f"{len(x)} images but {len(prompts)} prompts", "pass one prompt per image")
+        return self.scene.object_attribute_rates(x, list(prompts))
+
     def alignment_per_image(self, images, prompts: list[str]) -> torch.Tensor:
         scores = []
         for hits in self.claim_hits(images, prompts):

@@ -282,6 +282,30 @@ class SceneMetricsModel:
         return out
 
     @torch.no_grad()
+    def object_attribute_hits(self, x: torch.Tensor, prompts: list[str]) -> dict[str, list[bool]]:
+        """Each object claim split into one-attribute queries (``a red circle on the left`` -> some object is red,
+        some object is a circle, some object is centred on the left), pooled per attribute over all images.
+
+        Why: an object claim fails when any named attribute or their binding fails; this says which attribute a
+        model gets wrong (a teacher that draws the right colours in the wrong places scores high on ``color`` and
+        near chance on ``region``). Binding is not tested here, so each rate is an upper bound of the claim's."""
+        parsed = [scenes.parse_prompt(p) for p in prompts]
+        pooled: dict[str, list[bool]] = {k: [] for k in scenes.OBJECT_ATTRIBUTES}
+        for i in range(0, len(x), self.batch_size):
+            cells = self.model.cell_logits(self.model.feature_map(x[i : i + self.batch_size]))
+            for j, claims in enumerate(parsed[i : i + self.batch_size]):
+                for query in claims["objects"]:
+                    for key, value in query.items():
+                        pooled[key].append(bool(self.model.match_probability(cells, j, {key: value}) > 0.5))
+        return pooled
+
+    def object_attribute_rates(self, x: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """Share of confirmed one-attribute queries per attribute (:meth:`object_attribute_hits`), with the number
+        of queries behind each (attributes no prompt names are left out)."""
+        hits = self.object_attribute_hits(x, prompts)
+        return {k: {"rate": round(float(np.mean(v)), 4), "queries": len(v)} for k, v in hits.items() if v}
+
+    @torch.no_grad()
     def verify(self, x: torch.Tensor, queries: list[dict]) -> torch.Tensor:
         """Whether some object of image ``i`` matches ``queries[i]`` (a bool per image)."""
         cells = self.model.cell_logits(self.model.feature_map(x))

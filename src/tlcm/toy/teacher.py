@@ -46,6 +46,10 @@ class TeacherConfig:
     sample_steps: int = 50
     seed: int = 0
     threads: int = 2
+    # start from these weights instead of a random init ("toy": the shipped teacher of ``world``; or a UNet folder /
+    # pipeline folder): to train a teacher longer, or to compare recipes from one starting point. Its architecture
+    # must be the one this config builds (checked, the differences named).
+    init_unet: str = ""
 
 
 def build_unet(cfg: TeacherConfig, latent_channels: int = 4):
@@ -64,6 +68,31 @@ def build_unet(cfg: TeacherConfig, latent_channels: int = 4):
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=32,
     )
+
+
+def load_init_unet(unet, cfg: TeacherConfig) -> None:
+    """Copy ``cfg.init_unet``'s weights into ``unet`` (built from ``cfg``), refusing a different architecture."""
+    from diffusers import UNet2DConditionModel
+
+    src = cfg.init_unet
+    if src == "toy":
+        from tlcm.toy import teacher_path
+
+        src = str(teacher_path(world=cfg.world))
+    folder = Path(src)
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    if not (folder / "config.json").is_file():
+        raise TLCMError(f"init_unet {src!r} is not a UNet folder", "pass a pipeline folder, its unet/ folder or 'toy'")
+    init = UNet2DConditionModel.from_pretrained(str(folder))
+    keys = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+            "down_block_types", "up_block_types", "cross_attention_dim", "attention_head_dim", "norm_num_groups")
+    diff = [f"{k}: init {init.config[k]!r} vs config {unet.config[k]!r}" for k in keys
+            if tuple(np.atleast_1d(init.config[k])) != tuple(np.atleast_1d(unet.config[k]))]
+    if diff:
+        raise TLCMError(f"init_unet {src} has another architecture than this teacher config: " + "; ".join(diff),
+                        "set the config's architecture to the init's, or drop init_unet")
+    unet.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
 
 
 def load_text_encoder(max_length: int = common.TEXT_MAX_LENGTH):
@@ -223,6 +252,8 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     # 2. model, optimiser, EMA, schedule
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, latent_channels=enc["mean"].shape[1])
+    if cfg.init_unet:
+        load_init_unet(unet, cfg)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
