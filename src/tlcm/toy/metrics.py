@@ -232,9 +232,7 @@ class ToyMetrics:
 
     def claim_hits(self, images, prompts: list[str]) -> list[dict[str, list[bool]]]:
         """Per image, the prompt's claims the classifier confirms, grouped by kind (v4 claim kinds; v3 attributes)."""
-        x = torch.cat(list(self._batches(images)))
-        if len(prompts) != len(x):
-            raise TLCMError(f"{len(x)} images but {len(prompts)} prompts", "pass one prompt per image")
+        x = self._images_for(images, prompts)
         if self.scene is not None:
             return self.scene.claim_hits(x, list(prompts))
         pred = self.predict(x)
@@ -251,10 +249,14 @@ class ToyMetrics:
         if self.scene is None:
             raise TLCMError("one-attribute object queries exist only in the scenes world (v4)",
                             "for a v3 model use alignment_per_attribute, which is per attribute already")
+        return self.scene.object_attribute_rates(self._images_for(images, prompts), list(prompts))
+
+    def _images_for(self, images, prompts: list[str]) -> torch.Tensor:
+        """The images as one tensor, refusing a prompt list of another length."""
         x = torch.cat(list(self._batches(images)))
         if len(prompts) != len(x):
             raise TLCMError(f"{len(x)} images but {len(prompts)} prompts", "pass one prompt per image")
-        return self.scene.object_attribute_rates(x, list(prompts))
+        return x
 
     def alignment_per_image(self, images, prompts: list[str]) -> torch.Tensor:
         scores = []

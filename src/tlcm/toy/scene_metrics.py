@@ -299,7 +299,7 @@ class SceneMetricsModel:
                         pooled[key].append(bool(self.model.match_probability(cells, j, {key: value}) > 0.5))
         return pooled
 
-    def object_attribute_rates(self, x: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    def object_attribute_rates(self, x: torch.Tensor, prompts: list[str]) -> dict[str, dict]:
         """Share of confirmed one-attribute queries per attribute (:meth:`object_attribute_hits`), with the number
         of queries behind each (attributes no prompt names are left out)."""
         hits = self.object_attribute_hits(x, prompts)
