@@ -155,6 +155,12 @@ def test_teacher_can_start_from_a_trained_unet_of_the_same_architecture(tiny_wor
     init = UNet2DConditionModel.from_pretrained(str(root / "teacher" / "unet")).state_dict()
     saved = UNet2DConditionModel.from_pretrained(str(tmp_path / "same" / "unet")).state_dict()
     assert init.keys() == saved.keys() and all(torch.equal(init[k], saved[k]) for k in init)
+    # the pipeline names its world, so evaluation picks that world's prompts and metrics (no marker reads as v3)
+    from tlcm.toy import world_of_model
+
+    assert world_of_model(root / "teacher" / "pipeline") == "v3"
+    teacher.train_teacher(teacher.TeacherConfig(**base, steps=1, lr=0.0, world="v4"), tmp_path / "v4", progress=False)
+    assert world_of_model(tmp_path / "v4" / "pipeline") == "v4"
     with pytest.raises(TLCMError, match="block_out_channels"):
         teacher.train_teacher(teacher.TeacherConfig(**{**base, "block_out_channels": (32, 64)}, steps=1),
                               tmp_path / "other", progress=False)

@@ -276,7 +276,11 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, progress: bool = True
     tokenizer_dir = out / "tokenizer"
     common.write_tokenizer(tokenizer_dir, cfg.max_length)
     common.assemble_pipeline(out / "pipeline", out / "unet", cfg.vae, tokenizer_dir=tokenizer_dir)
-    from tlcm.toy.worlds import get_world
+    from tlcm.toy import MARKER
+    from tlcm.toy.worlds import get_world, world_version
+
+    # the world marker: without it `tlcm toy evaluate` and the toy protocol read the folder as a pre-v4 (v3) teacher
+    common.write_json(out / "pipeline" / MARKER, {"world": world_version(cfg.world)})
 
     if cfg.sample_prompts > 0:
         sample_prompts = get_world(cfg.world).prompts(cfg.sample_prompts, seed=cfg.seed + 99, split="train")
