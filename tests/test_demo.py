@@ -18,7 +18,7 @@ def tiny_teacher(tmp_path_factory):
 def _cfg(out, teacher, **kw):
     base = dict(out=str(out), teacher=teacher, device="cpu", records=8, synth_steps=1, mlcd_steps=1, tlcm_steps=1,
                 distill_batch=4, baseline_lcm=False, eval_prompts=3, eval_steps=(1, 2), teacher_solvers=("ddim",),
-                teacher_ceiling_steps=3, reference_steps=1, diversity=(2, 2), progress=False)
+                teacher_ceiling_steps=3, reference_steps=1, diversity=(2, 2), progress=False, world="v3")
     base.update(kw)
     return demo.demo_config(True, **base)
 
@@ -72,3 +72,11 @@ def test_demo_refuses_a_file_as_out(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(TLCMError, match="is a file"):
         demo.run_demo(demo.demo_config(True, out=str(tmp_path / "f")))
+
+
+def test_demo_refuses_a_teacher_of_no_toy_world_until_one_is_named(tiny_teacher, tmp_path):
+    # the tiny SD1.5 pipeline carries no tlcm_toy.json and samples 16x16 latents: neither v3's nor v4's teacher, so
+    # guessing a world would measure it with the wrong captions and metrics
+    with pytest.raises(TLCMError, match="--world"):
+        demo.run_demo(_cfg(tmp_path / "d", tiny_teacher, world=None), log=lambda *_: None)
+    assert not (tmp_path / "d").exists()  # refused before anything is written

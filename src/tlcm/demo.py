@@ -40,6 +40,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 class DemoConfig:
     out: str = "tlcm-demo"
     teacher: str = "toy"
+    # the toy world whose captions and metrics the demo uses; None: the teacher's own (a toy name or a folder whose
+    # tlcm_toy.json names it). Required for any other teacher: its images are then measured by that world's metrics.
+    world: str | None = None
     device: str = "auto"
     quick: bool = False
     records: int = 512
@@ -134,11 +137,19 @@ def _synthesize(cfg: DemoConfig, data: Path) -> None:
 
 
 def _world(cfg: DemoConfig):
-    """The toy world of the demo's teacher (``toy``: the default world; ``toy-v3``: the v3 shapes world)."""
+    """The toy world of the demo: ``cfg.world`` if set, else the teacher's (``toy``: the default world; ``toy-v3``:
+    the v3 shapes world; a toy pipeline folder: its marker). A teacher of no toy world needs ``world`` named."""
     from tlcm.toy import world_of_model
-    from tlcm.toy.worlds import get_world
+    from tlcm.toy.worlds import get_world, world_version
 
-    return get_world(world_of_model(cfg.teacher))
+    if cfg.world is not None:
+        return get_world(world_version(cfg.world))
+    try:
+        return get_world(world_of_model(cfg.teacher))
+    except TLCMError as e:
+        raise TLCMError(f"the demo needs a toy world's captions and metrics, and {e.problem}",
+                        "name the world to measure this teacher with: --world v4 (or v3); or use the shipped toy "
+                        "teacher ('toy')") from e
 
 
 def _distill(cfg: DemoConfig, preset: str, data: Path, out: Path, steps: int, overrides: list[str]) -> None:
@@ -218,6 +229,7 @@ def check_demo_config(cfg: DemoConfig) -> None:
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run (or resume) the demo; return the evaluation results. See the module docstring."""
     check_demo_config(cfg)
+    _world(cfg)  # a teacher of no known toy world is refused here, before anything is written
     if cfg.threads:
         import torch
 

@@ -161,6 +161,13 @@ def test_teacher_can_start_from_a_trained_unet_of_the_same_architecture(tiny_wor
     assert world_of_model(root / "teacher" / "pipeline") == "v3"
     teacher.train_teacher(teacher.TeacherConfig(**base, steps=1, lr=0.0, world="v4"), tmp_path / "v4", progress=False)
     assert world_of_model(tmp_path / "v4" / "pipeline") == "v4"
+    # a marker-less folder is read as v3 only when its latents are v3's 8x8
+    (tmp_path / "v4" / "pipeline" / "tlcm_toy.json").unlink()
+    assert world_of_model(tmp_path / "v4" / "pipeline") == "v3"  # the tiny world's UNet: 32 px images, 8x8 latents
+    cfg = tmp_path / "v4" / "pipeline" / "unet" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "sample_size": 12}))
+    with pytest.raises(TLCMError, match="12x12 latents"):
+        world_of_model(tmp_path / "v4" / "pipeline")
     with pytest.raises(TLCMError, match="block_out_channels"):
         teacher.train_teacher(teacher.TeacherConfig(**{**base, "block_out_channels": (32, 64)}, steps=1),
                               tmp_path / "other", progress=False)

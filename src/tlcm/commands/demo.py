@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "resumes it")
     p.add_argument("--quick", action="store_true", help="smaller everything, same code path (< 5 min on 2 cores)")
     p.add_argument("--teacher", help="teacher pipeline (default: the shipped toy teacher, 'toy')")
+    p.add_argument("--world", help="toy world whose captions and metrics the demo uses (v3, v4; default: the "
+                   "teacher's own; required for a teacher that is not a toy build)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--records", type=int, help="synthetic records (default 1024; quick 64)")
     p.add_argument("--eval-prompts", type=int, dest="eval_prompts", help="evaluation prompts (default 256; quick 32)")
@@ -29,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tlcm.demo import demo_config, main_table, run_demo
 
-    cfg = demo_config(args.quick, out=args.out, teacher=args.teacher, device=args.device, records=args.records,
+    cfg = demo_config(args.quick, out=args.out, teacher=args.teacher, world=args.world, device=args.device, records=args.records,
                       eval_prompts=args.eval_prompts, baseline_lcm=False if args.no_lcm else None,
                       baselines=False if args.no_baselines else None,
                       threads=args.threads, progress=False if args.no_progress else None)

@@ -69,7 +69,16 @@ def world_of_model(model) -> str:
     if marker.is_file():
         return world_version(json.loads(marker.read_text()).get("world"))
     if (Path(str(model)) / "model_index.json").is_file():
-        return "v3"  # toy pipeline folders written before v4 carry no marker, and were all v3
+        # toy pipeline folders written before v4 carry no marker, and were all v3: 8x8 latents (32 px). Any other
+        # size is a marker-less folder of another world, which v3's prompts and metrics would measure wrongly.
+        unet_cfg = Path(str(model)) / "unet" / "config.json"
+        size = json.loads(unet_cfg.read_text()).get("sample_size") if unet_cfg.is_file() else None
+        if size not in (None, 8):
+            raise TLCMError(f"{model} has no {MARKER} and its UNet samples {size}x{size} latents, not v3's 8x8: it is "
+                            "not a toy teacher of a known world",
+                            f'if it is a toy build, write {{"world": "v4"}} (or its world) into '
+                            f"{Path(str(model)) / MARKER}")
+        return "v3"
     raise TLCMError(f"{model!r} is not a toy teacher", "the toy metrics apply to 'toy', 'toy-v3' or a toy pipeline")
 
 
