@@ -46,10 +46,11 @@ class DistillConfig:
     lora_conv: bool = True  # add LORA_TARGETS_CONV to the targets
     init_lora: str = ""  # a previous run's output dir (its adapter/) to start the student from; required for tlcm
     gradient_checkpointing: bool = False
-    # LoRA student: its no-gradient passes (target, stage-2 sampling, no-grad samples) run the base layers with the
-    # adapter merged into the weights, rebuilt once per student update: the same function, other float rounding (so
-    # not bit-identical to the default); pays when the rank is large next to the layer widths (docs/distill.md)
-    lora_merged_no_grad: bool = False
+    # LoRA student: its layers compute (W + s B A) x instead of W x + s B A x (tlcm.train.merged_lora): every pass
+    # without the adapter's gradient, and the training pass in the layers where that is fewer multiply-adds. The same
+    # function, other float rounding (not bit-identical to the default); pays when the rank is large next to the
+    # layer widths (the toy presets turn it on; docs/distill.md); no effect on a full student
+    lora_merged: bool = False
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
     guidance_embedding: bool = False  # full LCM: embed w into timestep_cond (needs a UNet with time_cond_proj_dim)
 
@@ -420,12 +421,10 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
             raise TLCMError(f"{key}={getattr(cfg, key)} must be at least 1", f"set {key} to a positive integer")
     if cfg.learning_rate <= 0:
         raise TLCMError(f"learning_rate={cfg.learning_rate} must be positive", "set e.g. learning_rate=1e-4")
-    if cfg.lora_merged_no_grad and cfg.student != "lora":
-        raise TLCMError("lora_merged_no_grad applies to a LoRA student", "set student=lora or drop the option")
-    if cfg.lora_merged_no_grad and cfg.mixed_precision != "no":
-        raise TLCMError(f"lora_merged_no_grad with mixed_precision={cfg.mixed_precision}: merging a LoRA into "
+    if cfg.lora_merged and cfg.mixed_precision != "no":
+        raise TLCMError(f"lora_merged with mixed_precision={cfg.mixed_precision}: merging a LoRA into "
                         "low-precision base weights rounds most of its update away",
-                        "use mixed_precision=no with it, or drop lora_merged_no_grad")
+                        "use mixed_precision=no with it, or set lora_merged=false")
     if cfg.profile_steps < 0:
         raise TLCMError(f"profile_steps={cfg.profile_steps} must not be negative",
                         "set profile_steps=0 (off) or the number of steps to profile, e.g. 4")

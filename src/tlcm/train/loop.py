@@ -325,8 +325,6 @@ def run_phase(phase: PhaseSpec, parts: dict[str, Part], micro_batches: list[Micr
     part.sync_gradients(accelerator)
     grad_norm = accelerator.clip_grad_norm_(part.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     part.optimizer.step()
-    if part.name == "student":
-        networks.student_stepped()  # merged LoRA weights (lora_merged_no_grad) are stale
     part.lr_scheduler.step()
     part.updates += 1
     if part.ema is not None:
@@ -482,8 +480,9 @@ def _distill(cfg: DistillConfig, pipe, dataset_fn: DatasetFn | None, run, log_wi
     phases = recipe_phases(cfg)
     distributed.refuse_multi_part(accelerator, len(recipe_parts(cfg)))  # several parts: one process or DDP
     sharded = distributed.shard_networks(accelerator, networks, cfg)  # FSDP launches only; before the optimisers
-    if sharded and cfg.lora_merged_no_grad:
-        raise TLCMError("lora_merged_no_grad does not work with FSDP-sharded weights", "drop lora_merged_no_grad")
+    if sharded and cfg.lora_merged:
+        raise TLCMError("lora_merged does not work with FSDP-sharded weights (each rank holds a flat shard, not the "
+                        "layer's weight)", "set lora_merged=false")
     parts, student_module = build_parts(cfg, networks, accelerator, sharded)
     networks.set_trainable(parts["student"].params)
     train_state = TrainState(parts)

@@ -160,21 +160,8 @@ class StepLosses:
 
     def target_fn(self, cond, t_cond=None, label: str = "target"):
         nets = self.networks
-        if nets.target_unet is None and self.cfg.lora_merged_no_grad:
-            return self.merged_fn(cond, t_cond, label)
         return self._net(label, unet_fn(nets.target_unet if nets.target_unet is not None else self.raw_student, cond,
                                         t_cond))
-
-    def merged_fn(self, cond, t_cond=None, label: str = "target"):
-        """The LoRA student without gradient, its adapter merged into the base weights (``lora_merged_no_grad``)."""
-        kwargs = cond.unet_kwargs()
-
-        def fn(z, t):
-            with torch.no_grad(), self.networks.use("teacher"):
-                return self._net(label, lambda z, t: self.networks.merged_student(
-                    z, t, timestep_cond=t_cond, **kwargs, return_dict=False)[0], "teacher")(z, t)
-
-        return fn
 
     def teacher_fn(self, cond, uncond, guided: bool):
         def fn(z, t):
@@ -212,8 +199,6 @@ class StepLosses:
         renoise = [torch.randn(shape, generator=gen).to(self.device) for _ in plan.timesteps]
         if grad:
             net = self.student_fn(cond)
-        elif self.networks.is_lora and self.cfg.lora_merged_no_grad:
-            net = self.merged_fn(cond, label="student")
         else:
             net = self._net("student", unet_fn(self.raw_student, cond))
         with contextlib.nullcontext() if grad else torch.no_grad():

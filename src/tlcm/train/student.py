@@ -78,7 +78,6 @@ class Networks:
     _layers: list | None = None
     _role: str = "student"
     _blocks: dict = field(default_factory=dict)
-    _merged: list | None = None  # lora_merged_no_grad: (base layer, W + delta), until the student steps
 
     # --- which parameters exist, and which train in the current phase ---------------------------------------------
 
@@ -180,42 +179,6 @@ class Networks:
                     layer.set_adapter([ADAPTER_NAME])
                 if layer.disable_adapters:
                     layer.enable_adapters(True)
-
-    # --- no-gradient student passes with the LoRA merged into the weights (lora_merged_no_grad) --------------------
-
-    def merged_weights(self) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-        """``(base layer, W + delta)`` for every layer of the student's adapter (peft's own ``get_delta_weight``),
-        built once per student update (:meth:`student_stepped` drops it)."""
-        if self._merged is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            merged = []
-            with torch.no_grad():
-                for m in self.student.modules():
-                    if isinstance(m, BaseTunerLayer) and ADAPTER_NAME in getattr(m, "lora_A", {}):
-                        base = m.get_base_layer()
-                        merged.append((base, base.weight + m.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype)))
-            self._merged = merged
-        return self._merged
-
-    def student_stepped(self) -> None:
-        """The student's weights changed (an optimiser step, a load): merged weights are stale."""
-        self._merged = None
-
-    def merged_student(self, z, t, **kwargs):
-        """The LoRA student's forward computed as the base UNet with merged weights (call inside ``use("teacher")``
-        and ``no_grad``): the same function as the adapter's ``W x + s B A x``, rounded differently; one matmul per
-        layer and step instead of the adapter's two per layer and evaluation. The base layers' weights are swapped
-        for the merged tensors during the call and put back after it (the teacher's weights are never written)."""
-        swapped = self.merged_weights()
-        saved = [base._parameters["weight"] for base, _ in swapped]
-        try:
-            for base, w in swapped:
-                base._parameters["weight"] = w
-            return self.teacher_unet(z, t, **kwargs)
-        finally:
-            for (base, _), w in zip(swapped, saved):
-                base._parameters["weight"] = w
 
     # --- gradient checkpointing across roles ----------------------------------------------------------------------
 
@@ -339,6 +302,10 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
         nets.heads = build_heads(nets.teacher_unet, cfg.gan_features, seed=cfg.seed)
     if nets.fake_config is not None or nets.heads is not None:
         nets.set_trainable(nets.student_parameters())
+    if cfg.lora_merged and nets.is_lora:  # after the fake adapter: it is merged too
+        from tlcm.train.merged_lora import install_merged_forward
+
+        install_merged_forward(nets.teacher_unet)
     return nets
 
 

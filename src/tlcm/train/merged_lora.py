@@ -1,0 +1,100 @@
+"""LoRA layers computed as one merged weight: ``(W + s B A) x`` instead of ``W x + s B (A x)`` (``lora_merged``).
+
+Why: on a network whose widths are close to the LoRA rank (the toy teacher: rank 16 on 32-64 channels) the adapter's
+two extra matmuls per layer cost more than the layer itself; merging first costs one small ``B A`` product per layer
+and call. The function is the same, the float rounding is not (runs are not bit-identical to the adapter path).
+
+Per call and layer, with ``N`` tokens (pixels), fan-in ``i`` (``in_channels * k * k`` for a conv), fan-out ``o`` and
+rank ``r`` (multiply-adds; forward, input gradient and weight gradients):
+
+- adapter path: ``r (i + o) N`` forward, ``r (i + o) N`` input gradient, ``r (i + o) N`` for ``dA``/``dB``;
+- merged: ``r i o`` for ``B A``, no extra forward or input-gradient work, and when the adapter trains,
+  ``i o N`` for ``dW = g x^T`` (then ``r i o`` for ``dA``/``dB``).
+
+So a pass that needs no gradient for the adapter (the target, the stage-2 sampling walk, the teacher-free student
+samples, or a frozen adapter) is always merged, and a pass that trains it is merged only in the layers where
+``i o < 3 r (i + o)``: every layer of the toy UNet, almost none of SD1.5's at rank 64 (``i o`` is 10-25x larger).
+Without gradient the merged weight is cached until the adapter's tensors change (their version counters), so it is
+built once per optimiser step, not once per call; it holds one extra copy of the adapted weights.
+
+Layers with dropout or DoRA on the active adapter, several active adapters, or a merged/disabled adapter run peft's
+own forward unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def _fans(base: torch.nn.Module) -> tuple[int, int]:
+    w = base.weight
+    return int(w[0].numel()), int(w.shape[0])  # fan-in (in * k * k), fan-out
+
+
+def merged_cheaper_with_grad(layer, adapter: str) -> bool:
+    """True when training ``adapter`` through the merged weight costs fewer multiply-adds per token than through the
+    adapter's own matmuls (see the module docstring)."""
+    fan_in, fan_out = _fans(layer.get_base_layer())
+    r = int(layer.r[adapter])
+    return fan_in * fan_out < 3 * r * (fan_in + fan_out)
+
+
+def _mergeable(layer, adapter: str) -> bool:
+    if adapter not in getattr(layer, "lora_A", {}):
+        return False
+    if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity):
+        return False
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        return False
+    return isinstance(layer.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d))
+
+
+def _merged_forward(layer, x, *args, **kwargs):
+    active = layer.active_adapters
+    if (layer.disable_adapters or layer.merged or args or kwargs or len(active) != 1
+            or not _mergeable(layer, active[0])):
+        return layer._tlcm_adapter_forward(x, *args, **kwargs)
+    adapter = active[0]
+    base = layer.get_base_layer()
+    trains = torch.is_grad_enabled() and (layer.lora_A[adapter].weight.requires_grad
+                                          or layer.lora_B[adapter].weight.requires_grad)
+    if trains:
+        if not layer._tlcm_cheap_with_grad[adapter]:
+            return layer._tlcm_adapter_forward(x)
+        weight = base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype)
+    else:
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        key = (adapter, a.data_ptr(), a._version, b.data_ptr(), b._version, base.weight.data_ptr(),
+               base.weight._version, float(layer.scaling[adapter]))
+        cached = layer._tlcm_merged_cache
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype))
+            layer._tlcm_merged_cache = cached
+        weight = cached[1]
+    x = x.to(weight.dtype)
+    if isinstance(base, torch.nn.Linear):
+        return F.linear(x, weight, base.bias)
+    return base._conv_forward(x, weight, base.bias)
+
+
+def install_merged_forward(unet: torch.nn.Module) -> int:
+    """Make every peft LoRA ``Linear``/``Conv2d`` layer of ``unet`` compute through the merged weight (idempotent);
+    the number of layers patched. Switching adapters (``set_adapter``, ``enable_adapters``) keeps working."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for layer in unet.modules():
+        if not isinstance(layer, LoraLayer) or not isinstance(layer.get_base_layer(),
+                                                                (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if not hasattr(layer, "_tlcm_adapter_forward"):
+            layer._tlcm_adapter_forward = layer.forward  # peft's bound forward
+            layer._tlcm_merged_cache = None
+            layer.forward = types.MethodType(_merged_forward, layer)
+        layer._tlcm_cheap_with_grad = {a: merged_cheaper_with_grad(layer, a) for a in layer.lora_A}
+        n += 1
+    return n
