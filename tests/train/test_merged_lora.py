@@ -43,7 +43,7 @@ def test_merged_layers_are_the_adapter_function_with_and_without_gradient(tiny_c
     z, t, cond = _inputs(pipes[0])
     kwargs = cond.unet_kwargs()
 
-    for step in range(2):
+    for _ in range(2):
         outs, grads = [], []
         for unet, n in ((ref_unet, nets[0]), (merged_unet, nets[1])):
             n.drop_grads()

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tlcm.demo import demo_config, main_table, run_demo
 
-    cfg = demo_config(args.quick, out=args.out, teacher=args.teacher, world=args.world, device=args.device, records=args.records,
+    cfg = demo_config(args.quick, out=args.out, teacher=args.teacher, world=args.world, device=args.device,
+                      records=args.records,
                       eval_prompts=args.eval_prompts, baseline_lcm=False if args.no_lcm else None,
                       baselines=False if args.no_baselines else None,
                       threads=args.threads, progress=False if args.no_progress else None)
