@@ -361,7 +361,7 @@ def cmd_compare(args) -> int:
     lines = ["| recipe | batch | base CPU s/step | new CPU s/step | speedup | exported adapters byte-identical |",
              "|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        same = "yes" if r["adapters_identical"] else ("no (options change rounding)" if args.new_set else "NO")
+        same = "yes" if r["adapters_identical"] else ("no (options change rounding)" if args.new_set else "no")
         lines.append(f"| {r['recipe']} | {r['batch']} | {r['base_s']:.3f} | {r['new_s']:.3f} | "
                      f"**{r['speedup']:.2f}x** | {same} |")
     table = "\n".join(lines)

@@ -62,6 +62,8 @@ def test_merged_layers_are_the_adapter_function_with_and_without_gradient(tiny_c
         assert torch.allclose(merged, ref, rtol=0, atol=1e3 * EPS * scale)
         with nets[1].use("teacher"), torch.no_grad():  # adapters off: the base network, whatever is cached
             teacher = merged_unet(z, t, **kwargs).sample
+        with nets[0].use("teacher"), torch.no_grad():  # peft's own switch on the unpatched UNet: the same bytes
+            assert torch.equal(teacher, ref_unet(z, t, **kwargs).sample)
         assert not torch.allclose(teacher, merged, rtol=0, atol=1e-3 * scale)  # the adapter is in the merged one
         _perturb(nets[0].student_parameters(), g)  # as an optimiser step would: in place, on both
         with torch.no_grad():

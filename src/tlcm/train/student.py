@@ -169,12 +169,17 @@ class Networks:
         the student's active)."""
         if role == "teacher":
             for layer in layers:
-                layer.enable_adapters(False)
+                if hasattr(layer, "_tlcm_base_only"):  # lora_merged layers: our own switch, no requires_grad walk
+                    layer._tlcm_base_only = True
+                else:
+                    layer.enable_adapters(False)
         elif role == "fake" and self.is_lora:
             for layer in layers:
                 layer.set_adapter([FAKE_ADAPTER])
         elif role == "student":
             for layer in layers:
+                if getattr(layer, "_tlcm_base_only", False):
+                    layer._tlcm_base_only = False
                 if self.is_lora and layer.active_adapters != [ADAPTER_NAME]:
                     layer.set_adapter([ADAPTER_NAME])
                 if layer.disable_adapters:
