@@ -66,7 +66,10 @@ def _merged_forward(layer, x, *args, **kwargs):
     trains = torch.is_grad_enabled() and (layer.lora_A[adapter].weight.requires_grad
                                           or layer.lora_B[adapter].weight.requires_grad)
     if trains:
-        if not layer._tlcm_cheap_with_grad[adapter]:
+        cheap = layer._tlcm_cheap_with_grad.get(adapter)
+        if cheap is None:  # an adapter added after install_merged_forward
+            cheap = layer._tlcm_cheap_with_grad[adapter] = merged_cheaper_with_grad(layer, adapter)
+        if not cheap:
             return layer._tlcm_adapter_forward(x)
         weight = base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype)
     else:
