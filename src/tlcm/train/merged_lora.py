@@ -54,28 +54,40 @@ def _mergeable(layer, adapter: str) -> bool:
     return isinstance(layer.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d))
 
 
+def _base_forward(layer, x):
+    """The base layer's own ``forward`` (``F.linear`` / ``_conv_forward``: the same bytes), without a module call's
+    overhead unless the base layer carries hooks."""
+    base = layer._tlcm_base
+    if base._forward_hooks or base._forward_pre_hooks:
+        return base(x)
+    if layer._tlcm_linear:
+        return F.linear(x, base.weight, base.bias)
+    return base._conv_forward(x, base.weight, base.bias)
+
+
 def _merged_forward(layer, x, *args, **kwargs):
-    if layer._tlcm_base_only:  # the teacher role (Networks.use): the frozen base layer alone
-        return layer.get_base_layer()(x, *args, **kwargs)
-    active = layer.active_adapters
-    if (layer.disable_adapters or layer.merged or args or kwargs or len(active) != 1
-            or not _mergeable(layer, active[0])):
+    if args or kwargs:
         return layer._tlcm_adapter_forward(x, *args, **kwargs)
+    if layer._tlcm_base_only:  # the teacher role (Networks.use): the frozen base layer alone
+        return _base_forward(layer, x)
+    active = layer.active_adapters
+    if len(active) != 1 or layer.disable_adapters or layer.merged:
+        return layer._tlcm_adapter_forward(x)
     adapter = active[0]
-    base = layer.get_base_layer()
-    trains = torch.is_grad_enabled() and (layer.lora_A[adapter].weight.requires_grad
-                                          or layer.lora_B[adapter].weight.requires_grad)
-    if trains:
-        cheap = layer._tlcm_cheap_with_grad.get(adapter)
-        if cheap is None:  # an adapter added after install_merged_forward
-            cheap = layer._tlcm_cheap_with_grad[adapter] = merged_cheaper_with_grad(layer, adapter)
-        if not cheap:
+    parts = layer._tlcm_parts.get(adapter)
+    if parts is None or (parts[2] and parts[0] is not layer.lora_A[adapter].weight):  # added or replaced since
+        parts = layer._tlcm_parts[adapter] = _parts(layer, adapter)
+    a, b, mergeable, cheap_with_grad = parts
+    if not mergeable:
+        return layer._tlcm_adapter_forward(x)
+    base = layer._tlcm_base
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # this pass trains the adapter
+        if not cheap_with_grad:
             return layer._tlcm_adapter_forward(x)
         weight = base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype)
     else:
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         key = (adapter, a.data_ptr(), a._version, b.data_ptr(), b._version, base.weight.data_ptr(),
-               base.weight._version, float(layer.scaling[adapter]))
+               base.weight._version, layer.scaling[adapter])
         cached = layer._tlcm_merged_cache
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -83,9 +95,17 @@ def _merged_forward(layer, x, *args, **kwargs):
             layer._tlcm_merged_cache = cached
         weight = cached[1]
     x = x.to(weight.dtype)
-    if isinstance(base, torch.nn.Linear):
+    if layer._tlcm_linear:
         return F.linear(x, weight, base.bias)
     return base._conv_forward(x, weight, base.bias)
+
+
+def _parts(layer, adapter: str) -> tuple:
+    """``(A weight, B weight, mergeable, cheaper merged with gradient)`` of one adapter of ``layer``."""
+    if not _mergeable(layer, adapter):
+        return None, None, False, False
+    return (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, True,
+            merged_cheaper_with_grad(layer, adapter))
 
 
 def install_merged_forward(unet: torch.nn.Module) -> int:
@@ -103,6 +123,8 @@ def install_merged_forward(unet: torch.nn.Module) -> int:
             layer._tlcm_merged_cache = None
             layer._tlcm_base_only = False  # set by Networks.use("teacher") instead of peft's enable_adapters(False)
             layer.forward = types.MethodType(_merged_forward, layer)
-        layer._tlcm_cheap_with_grad = {a: merged_cheaper_with_grad(layer, a) for a in layer.lora_A}
+        layer._tlcm_base = layer.get_base_layer()
+        layer._tlcm_linear = isinstance(layer._tlcm_base, torch.nn.Linear)
+        layer._tlcm_parts = {a: _parts(layer, a) for a in layer.lora_A}
         n += 1
     return n
