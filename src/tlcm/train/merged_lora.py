@@ -13,7 +13,8 @@ rank ``r`` (multiply-adds; forward, input gradient and weight gradients):
 
 So a pass that needs no gradient for the adapter (the target, the stage-2 sampling walk, the teacher-free student
 samples, or a frozen adapter) is always merged, and a pass that trains it is merged only in the layers where
-``i o < 3 r (i + o)``: every layer of the toy UNet, almost none of SD1.5's at rank 64 (``i o`` is 10-25x larger).
+``i o < 3 r (i + o)``: 117 of the toy UNet's 164 adapted layers at rank 16, few of SD1.5's at rank 64 (its
+320-wide linears).
 Without gradient the merged weight is cached until the adapter's tensors change (their version counters), so it is
 built once per optimiser step, not once per call; it holds one extra copy of the adapted weights.
 
@@ -66,10 +67,10 @@ def _base_forward(layer, x):
 
 
 def _merged_forward(layer, x, *args, **kwargs):
+    if layer._tlcm_base_only:  # the teacher role (Networks.use): the frozen base layer alone
+        return _base_forward(layer, x) if not (args or kwargs) else layer._tlcm_base(x, *args, **kwargs)
     if args or kwargs:
         return layer._tlcm_adapter_forward(x, *args, **kwargs)
-    if layer._tlcm_base_only:  # the teacher role (Networks.use): the frozen base layer alone
-        return _base_forward(layer, x)
     active = layer.active_adapters
     if len(active) != 1 or layer.disable_adapters or layer.merged:
         return layer._tlcm_adapter_forward(x)
