@@ -19,7 +19,7 @@ Without gradient the merged weight is cached until the adapter's tensors change 
 built once per optimiser step, not once per call; it holds one extra copy of the adapted weights.
 
 Layers with dropout or DoRA on the active adapter, several active adapters, or a merged/disabled adapter run peft's
-own forward unchanged. ``_tlcm_base_only`` is the teacher role's switch (:meth:`tlcm.train.student.Networks.use`):
+own forward unchanged. :func:`set_base_only` is the teacher role's switch (:meth:`tlcm.train.student.Networks.use`):
 the base layer alone, without peft's walk over every adapter tensor's ``requires_grad`` that
 ``enable_adapters(False)`` does (about 9 ms per switch on the toy UNet's 164 layers, twice per step).
 """
@@ -55,20 +55,30 @@ def _mergeable(layer, adapter: str) -> bool:
     return isinstance(layer.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d))
 
 
-def _base_forward(layer, x):
-    """The base layer's own ``forward`` (``F.linear`` / ``_conv_forward``: the same bytes), without a module call's
-    overhead unless the base layer carries hooks."""
+def _apply(layer, x, weight):
+    """The base layer's operation with ``weight`` (``F.linear`` / ``_conv_forward``: what its ``forward`` runs)."""
     base = layer._tlcm_base
-    if base._forward_hooks or base._forward_pre_hooks:
-        return base(x)
     if layer._tlcm_linear:
-        return F.linear(x, base.weight, base.bias)
-    return base._conv_forward(x, base.weight, base.bias)
+        return F.linear(x, weight, base.bias)
+    return base._conv_forward(x, weight, base.bias)
+
+
+def set_base_only(layer, on: bool) -> bool:
+    """Switch a patched layer to its frozen base layer alone (the teacher role of
+    :meth:`tlcm.train.student.Networks.use`) or back; False for a layer :func:`install_merged_forward` did not patch
+    (use peft's ``enable_adapters`` there)."""
+    if not hasattr(layer, "_tlcm_base_only"):
+        return False
+    layer._tlcm_base_only = on
+    return True
 
 
 def _merged_forward(layer, x, *args, **kwargs):
-    if layer._tlcm_base_only:  # the teacher role (Networks.use): the frozen base layer alone
-        return _base_forward(layer, x) if not (args or kwargs) else layer._tlcm_base(x, *args, **kwargs)
+    if layer._tlcm_base_only:  # the teacher role: the frozen base layer alone
+        base = layer._tlcm_base
+        if args or kwargs or base._forward_hooks or base._forward_pre_hooks:
+            return base(x, *args, **kwargs)
+        return _apply(layer, x, base.weight)  # its forward without a module call's overhead: the same bytes
     if args or kwargs:
         return layer._tlcm_adapter_forward(x, *args, **kwargs)
     active = layer.active_adapters
@@ -95,10 +105,7 @@ def _merged_forward(layer, x, *args, **kwargs):
                 cached = (key, base.weight + layer.get_delta_weight(adapter).to(base.weight.dtype))
             layer._tlcm_merged_cache = cached
         weight = cached[1]
-    x = x.to(weight.dtype)
-    if layer._tlcm_linear:
-        return F.linear(x, weight, base.bias)
-    return base._conv_forward(x, weight, base.bias)
+    return _apply(layer, x.to(weight.dtype), weight)
 
 
 def _parts(layer, adapter: str) -> tuple:
@@ -122,7 +129,7 @@ def install_merged_forward(unet: torch.nn.Module) -> int:
         if not hasattr(layer, "_tlcm_adapter_forward"):
             layer._tlcm_adapter_forward = layer.forward  # peft's bound forward
             layer._tlcm_merged_cache = None
-            layer._tlcm_base_only = False  # set by Networks.use("teacher") instead of peft's enable_adapters(False)
+            layer._tlcm_base_only = False  # set_base_only: the teacher role, instead of peft's enable_adapters(False)
             layer.forward = types.MethodType(_merged_forward, layer)
         layer._tlcm_base = layer.get_base_layer()
         layer._tlcm_linear = isinstance(layer._tlcm_base, torch.nn.Linear)

@@ -24,6 +24,7 @@ import torch
 
 from tlcm.errors import TLCMError
 from tlcm.train.config import LORA_TARGETS_CONV, DistillConfig
+from tlcm.train.merged_lora import install_merged_forward, set_base_only
 from tlcm.train.seeding import seeded_rng
 
 ADAPTER_NAME = "default"
@@ -169,17 +170,14 @@ class Networks:
         the student's active)."""
         if role == "teacher":
             for layer in layers:
-                if hasattr(layer, "_tlcm_base_only"):  # lora_merged layers: our own switch, no requires_grad walk
-                    layer._tlcm_base_only = True
-                else:
+                if not set_base_only(layer, True):  # lora_merged layers switch without peft's requires_grad walk
                     layer.enable_adapters(False)
         elif role == "fake" and self.is_lora:
             for layer in layers:
                 layer.set_adapter([FAKE_ADAPTER])
         elif role == "student":
             for layer in layers:
-                if getattr(layer, "_tlcm_base_only", False):
-                    layer._tlcm_base_only = False
+                set_base_only(layer, False)
                 if self.is_lora and layer.active_adapters != [ADAPTER_NAME]:
                     layer.set_adapter([ADAPTER_NAME])
                 if layer.disable_adapters:
@@ -308,8 +306,6 @@ def build_networks(unet, cfg: DistillConfig, weight_dtype: torch.dtype = torch.f
     if nets.fake_config is not None or nets.heads is not None:
         nets.set_trainable(nets.student_parameters())
     if cfg.lora_merged and nets.is_lora:  # after the fake adapter: it is merged too
-        from tlcm.train.merged_lora import install_merged_forward
-
         install_merged_forward(nets.teacher_unet)
     return nets
 
