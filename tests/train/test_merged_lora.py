@@ -142,3 +142,28 @@ def test_merged_multi_part_run_trains_like_the_adapter_run(tiny_cfg, dataset_fn,
         moved = sum(float((a[k] - init[k]).abs().sum()) for k in a)
         differ = sum(float((a[k] - b[k]).abs().sum()) for k in a)
         assert moved > 0 and differ < 1e-2 * moved, f
+
+
+def test_a_base_layer_with_hooks_keeps_them_in_every_path():
+    """Hooks on a base layer (accelerate's device hooks, for one) run only through a module call: a hooked layer
+    takes peft's own forward, merged or base-only alike, and still computes the adapter's function."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from tlcm.train.merged_lora import install_merged_forward, set_base_only
+
+    torch.manual_seed(0)
+    net = inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights="gaussian"),
+                                  torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    x = torch.randn(3, 8)
+    ref = net(x)
+    assert install_merged_forward(net) == 1
+    calls = []
+    net[0].get_base_layer().register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        out = net(x)
+        set_base_only(net[0], True)
+        base = net(x)
+        set_base_only(net[0], False)
+    assert len(calls) == 2
+    assert torch.equal(out, ref.detach())  # peft's own path: the same bytes
+    assert torch.equal(base, net[0].get_base_layer()(x))

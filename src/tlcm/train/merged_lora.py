@@ -89,9 +89,9 @@ def _merged_forward(layer, x, *args, **kwargs):
     if parts is None or (parts[2] and parts[0] is not layer.lora_A[adapter].weight):  # added or replaced since
         parts = layer._tlcm_parts[adapter] = _parts(layer, adapter)
     a, b, mergeable, cheap_with_grad = parts
-    if not mergeable:
-        return layer._tlcm_adapter_forward(x)
     base = layer._tlcm_base
+    if not mergeable or base._forward_hooks or base._forward_pre_hooks:  # hooks run only through peft's forward
+        return layer._tlcm_adapter_forward(x)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # this pass trains the adapter
         if not cheap_with_grad:
             return layer._tlcm_adapter_forward(x)
