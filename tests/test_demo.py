@@ -25,7 +25,7 @@ def _cfg(out, teacher, **kw):
 
 def test_demo_end_to_end_then_resume_skips_every_stage(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    results = demo.run_demo(_cfg(out, tiny_teacher), log=lambda *_: None)
+    results = demo.run_demo(_cfg(out, tiny_teacher, workers=1), log=lambda *_: None)
     cells = {c["cell"] for c in results["cells"]}
     # the teacher's solvers with and without CFG, and the teacher with each student's sampler (TLCM and MLCD save
     # different scheduler configs: two baselines)
@@ -57,6 +57,36 @@ def test_demo_end_to_end_then_resume_skips_every_stage(tiny_teacher, tmp_path, m
 
     with pytest.raises(TLCMError, match="other settings"):
         demo.run_demo(_cfg(out, tiny_teacher, records=9), log=lambda *_: None)
+
+
+def _quality(results):
+    # timings, and the student folders' paths (each run has its own --out)
+    other = ("latency_s", "images_per_s", "wall_s", "encode_cached_s", "peak_mem_mb", "diversity_extra_s", "lora",
+             "scheduler_from")
+    return {c["cell"]: {k: v for k, v in c.items() if k not in other} for c in results["cells"]}
+
+
+def test_two_workers_change_only_the_timings(tiny_teacher, tmp_path):
+    # the side process evaluates the teacher while the students train, then the MLCD/TLCM students while the
+    # LCM-LoRA trains; the final sweep reuses those cells. Students and every number but the timings: as with 1.
+    kw = dict(baseline_lcm=True, lcm_steps=1)
+    one = demo.run_demo(_cfg(tmp_path / "one", tiny_teacher, workers=1, **kw), log=lambda *_: None)
+    two = demo.run_demo(_cfg(tmp_path / "two", tiny_teacher, workers=2, **kw), log=lambda *_: None)
+    stages = json.loads((tmp_path / "two" / "stages.json").read_text())
+    assert {k for k, v in stages.items() if v.get("side")} == {"evaluate teacher", "evaluate tlcm, mlcd"}
+    cells = (tmp_path / "two" / "eval" / "cells")
+    side_cells = {json.loads(p.read_text())["cell"] for p in cells.glob("*.json")}
+    assert _quality(one) == _quality(two) and len(side_cells) == len(two["cells"])
+    for name in ("tlcm", "mlcd", "lcm"):
+        a, b = (tmp_path / d / "students" / name / demo.LORA_FILE for d in ("one", "two"))
+        assert a.read_bytes() == b.read_bytes(), name
+    assert "side process" in (tmp_path / "two" / "report" / "README.md").read_text()
+    assert demo.resolve_workers(demo.demo_config(True, device="cuda")) == 1
+
+
+def test_demo_refuses_a_worker_count_it_cannot_use(tmp_path):
+    with pytest.raises(TLCMError, match="--workers 3"):
+        demo.run_demo(demo.demo_config(True, out=str(tmp_path / "d"), workers=3))
 
 
 def test_quick_is_smaller_with_the_same_stages():

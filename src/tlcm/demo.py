@@ -14,6 +14,12 @@ resumes where it stopped):
    :mod:`tlcm.evaluate.baselines`), on toy-world captions the students never trained on; toy-FID against rendered
    data and against the teacher's DPM-Solver++ 25-step samples, prompt alignment, recall, per-prompt diversity,
    latency, network evaluations, memory (:func:`tlcm.evaluate.sweep.run_sweep`).
+With ``workers=2`` (the default on a CPU with two free cores) independent stages run side by side, each on one
+thread: a second process evaluates the teacher's training-free rows while the students train, then the MLCD and
+TLCM students while the LCM-LoRA baseline trains; the final evaluation reuses those cells (the sweep resumes finished
+cells) and adds the rest. Every number but the timings is the same as with ``workers=1``: each cell is computed from
+its own seeds, in whichever process runs it.
+
 4. **report**: ``OUT/report/`` with README.md (the training-free and student tables, each student against the best
    training-free sampler, timings, the commands), overview.png (samples: rows = method, columns = steps), plots,
    results.csv.
@@ -70,6 +76,9 @@ class DemoConfig:
     # torch CPU threads: 1 by default. On a shared machine more threads than free cores made every stage ~50x
     # slower (OpenMP workers spinning against each other); on an idle one, --threads 2 is at most 2x faster.
     threads: int | None = 1
+    # processes running independent stages side by side (see the module docstring); None: 2 on a CPU with at least
+    # 2 x threads free cores, else 1. Changes only the timings.
+    workers: int | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -85,6 +94,25 @@ def demo_config(quick: bool = False, **overrides) -> DemoConfig:
     if quick:
         cfg = replace(cfg, **QUICK)
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_workers(cfg: DemoConfig) -> int:
+    """``cfg.workers``, or the default: 2 when two single-stage processes each get their own cores (CPU only: on a
+    GPU both would queue on one device), else 1."""
+    if cfg.workers is not None:
+        return int(cfg.workers)
+    if cfg.device not in ("auto", "cpu"):
+        return 1
+    if cfg.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 * int(cfg.threads or 1) else 1
 
 
 def _cpu_seconds() -> float:
@@ -119,6 +147,14 @@ class _Stages:
         write_json(self.path, self.data)
         self.log(f"[demo] {name}: {seconds:.0f} s")
         return result
+
+    def record(self, name: str, timing: dict) -> None:
+        """A stage that ran in the side process (its own wall and CPU seconds)."""
+        self.data[name] = {**timing, "side": True}
+        from tlcm.evaluate.report import write_json
+
+        write_json(self.path, self.data)
+        self.log(f"[demo] {name}: {timing['seconds']:.0f} s (side process)")
 
 
 def _student_done(path: Path) -> bool:
@@ -205,6 +241,58 @@ def sweep_config(cfg: DemoConfig, out: Path, students: dict[str, Path]):
     )
 
 
+def _all_cells_cached(scfg) -> bool:
+    cells = Path(scfg.out_dir) / "cells"
+    return all((cells / f"{c.id}.json").is_file() for c in scfg.cells())
+
+
+def _side_evaluate(cfg: DemoConfig, eval_dir: str, students: dict[str, str], verbose: bool) -> dict:
+    """The side process's stage: the sweep restricted to ``students`` (and the teacher's rows), into the demo's
+    evaluation folder, whose final sweep then reuses these cells. Returns its wall and CPU seconds."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+    from tlcm.evaluate.sweep import run_sweep
+
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    log = (lambda msg: print(f"[side] {msg}", flush=True)) if verbose else (lambda *_: None)
+    run_sweep(sweep_config(cfg, Path(eval_dir), {k: Path(v) for k, v in students.items()}), log=log)
+    return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+class _SideLane:
+    """At most one evaluation stage running in a second process while the main process trains."""
+
+    def __init__(self, cfg: DemoConfig, eval_dir: Path, stages: _Stages, verbose: bool):
+        self.cfg, self.eval_dir, self.stages, self.verbose = cfg, eval_dir, stages, verbose
+        self.job = None
+        self.job_name = ""
+
+    def start(self, name: str, students: dict[str, Path]) -> None:
+        """Evaluate the teacher's rows and ``students``'s cells beside the main process (unless all are cached)."""
+        from tlcm.side_process import SideProcess
+
+        self.wait()
+        if _all_cells_cached(sweep_config(self.cfg, self.eval_dir, students)):
+            return
+        self.stages.log(f"[demo] {name} (side process) ...")
+        self.job_name = name
+        self.job = SideProcess(f"demo {name}", _side_evaluate, self.cfg, str(self.eval_dir),
+                               {k: str(v) for k, v in students.items()}, self.verbose)
+
+    def wait(self) -> None:
+        if self.job is not None:
+            job, self.job = self.job, None
+            self.stages.record(self.job_name, job.result())
+
+    def kill(self) -> None:
+        if self.job is not None:
+            self.job.kill()
+            self.job = None
+
+
 def check_demo_config(cfg: DemoConfig) -> None:
     """Every count and scale in range, before any stage runs (a bad one must not fail after three trainings)."""
     import math
@@ -216,6 +304,9 @@ def check_demo_config(cfg: DemoConfig) -> None:
             raise TLCMError(f"{flag} {getattr(cfg, key)} is less than 1", f"pass {flag} 1 or more")
     if cfg.threads is not None and cfg.threads < 1:
         raise TLCMError(f"--threads {cfg.threads} is less than 1", "pass --threads 1 or more")
+    if cfg.workers is not None and cfg.workers not in (1, 2):
+        raise TLCMError(f"--workers {cfg.workers}: the demo runs its stages in 1 or 2 processes",
+                        "pass --workers 1 or 2 (or leave it out: 2 on a CPU with two free cores)")
     if not cfg.eval_steps or min(cfg.eval_steps) < 1:
         raise TLCMError(f"eval_steps {list(cfg.eval_steps)} must be step counts of 1 or more", "use e.g. 1,2,4,8")
     if cfg.diversity is not None and min(cfg.diversity) < 1:
@@ -241,7 +332,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         raise TLCMError(f"--out {out} is a file", "pass a folder (created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "demo_config.json"
-    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device", "threads")}
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress", "device", "threads", "workers")}
     mine = json.loads(json.dumps(mine))  # tuples -> lists, as read back
     if cfg_file.is_file():
         old = json.loads(cfg_file.read_text())
@@ -256,23 +347,38 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     t_start = time.perf_counter()
 
     data = out / "data"
-    stages.run("synthesize", (data / "manifest.json").is_file() and
-               json.loads((data / "manifest.json").read_text()).get("complete", False),
-               lambda: _synthesize(cfg, data))
-    students: dict[str, Path] = {}
-    mlcd, tlcm_dir, lcm = out / "students" / "mlcd", out / "students" / "tlcm", out / "students" / "lcm"
-    stages.run("distill mlcd", _student_done(mlcd), lambda: _distill(cfg, "toy-mlcd", data, mlcd, cfg.mlcd_steps, []))
-    stages.run("distill tlcm", _student_done(tlcm_dir),
-               lambda: _distill(cfg, "toy-tlcm", data, tlcm_dir, cfg.tlcm_steps, [f"init_lora={mlcd}"]))
-    students["tlcm"] = tlcm_dir
-    students["mlcd"] = mlcd
-    if cfg.baseline_lcm:
-        stages.run("distill lcm", _student_done(lcm), lambda: _distill(cfg, "toy-lcm", data, lcm, cfg.lcm_steps, []))
-        students["lcm"] = lcm
+    eval_dir = out / "eval"
+    workers = resolve_workers(cfg)
+    side = _SideLane(cfg, eval_dir, stages, verbose=log is print) if workers > 1 else None
+    try:
+        if side:  # the teacher's rows need no student: evaluate them while the students train
+            side.start("evaluate teacher", {})
+        stages.run("synthesize", (data / "manifest.json").is_file() and
+                   json.loads((data / "manifest.json").read_text()).get("complete", False),
+                   lambda: _synthesize(cfg, data))
+        students: dict[str, Path] = {}
+        mlcd, tlcm_dir, lcm = out / "students" / "mlcd", out / "students" / "tlcm", out / "students" / "lcm"
+        stages.run("distill mlcd", _student_done(mlcd),
+                   lambda: _distill(cfg, "toy-mlcd", data, mlcd, cfg.mlcd_steps, []))
+        stages.run("distill tlcm", _student_done(tlcm_dir),
+                   lambda: _distill(cfg, "toy-tlcm", data, tlcm_dir, cfg.tlcm_steps, [f"init_lora={mlcd}"]))
+        students["tlcm"] = tlcm_dir
+        students["mlcd"] = mlcd
+        if cfg.baseline_lcm:
+            if side:  # then the two students (and their samplers' baselines) while the LCM-LoRA trains
+                side.start("evaluate tlcm, mlcd", dict(students))
+            stages.run("distill lcm", _student_done(lcm),
+                       lambda: _distill(cfg, "toy-lcm", data, lcm, cfg.lcm_steps, []))
+            students["lcm"] = lcm
+        if side:
+            side.wait()
+    except BaseException:
+        if side:
+            side.kill()
+        raise
 
     from tlcm.evaluate.sweep import run_sweep
 
-    eval_dir = out / "eval"
     holder: dict = {}
     # evaluation always runs (finished cells are reused); a re-run must not overwrite the first run's timing
     name = "evaluate" if "evaluate" not in stages.data else "evaluate (re-run)"
@@ -301,7 +407,8 @@ def write_report(out: Path, cfg: DemoConfig, results: dict, stages: dict, total_
     for stem in plots:
         shutil.copyfile(eval_dir / "plots" / f"{stem}.png", rep / "plots" / f"{stem}.png")
     machine = results.get("machine", {})
-    timing = "\n".join(f"| {name} | {v['seconds']:.0f} | {_fmt_cpu(v)} |" for name, v in stages.items())
+    timing = "\n".join(f"| {name}{' (side process)' if v.get('side') else ''} | {v['seconds']:.0f} | "
+                       f"{_fmt_cpu(v)} |" for name, v in stages.items())
     md = [
         f"# tlcm demo{' (quick)' if cfg.quick else ''}",
         "",
@@ -343,6 +450,11 @@ def write_report(out: Path, cfg: DemoConfig, results: dict, stages: dict, total_
         f"| **total (this run)** | {total_s:.0f} | |",
         "",
     ]
+    if any(v.get("side") for v in stages.values()):
+        md[-1:-1] = ["", "Stages marked *side process* ran in a second process, each on one thread, at the same time "
+                     "as the main process's stages (`--workers 2`); the total is wall time. Only the timings depend "
+                     "on it: every cell is computed from its own seeds."]
+    md.append("")
     if results.get("notices"):
         md += ["Skipped:", "", *[f"- {n}" for n in results["notices"]], ""]
     report.write_text(rep / "README.md", "\n".join(md))

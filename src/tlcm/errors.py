@@ -16,6 +16,9 @@ class TLCMError(Exception):
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
 
+    def __reduce__(self):  # pickled across processes (the demo's side stage) with its problem and fix apart
+        return self.__class__, (self.problem, self.fix)
+
 
 _OS_ERRORS = {  # errno name -> (what happened, what to do)
     "ENOSPC": ("disk full while writing {path}", "free space on that disk or write to another folder; re-running "

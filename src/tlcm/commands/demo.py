@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world", help="toy world whose captions and metrics the demo uses (v3, v4; default: the "
                    "teacher's own; required for a teacher that is not a toy build)")
     p.add_argument("--device", help="auto (default), cpu or cuda")
-    p.add_argument("--records", type=int, help="synthetic records (default 1024; quick 64)")
+    p.add_argument("--records", type=int, help="synthetic records (default 512; quick 32)")
     p.add_argument("--eval-prompts", type=int, dest="eval_prompts", help="evaluation prompts (default 256; quick 32)")
     p.add_argument("--no-lcm", action="store_true", help="skip the LCM-LoRA baseline")
     p.add_argument("--no-baselines", action="store_true", help="skip the undistilled teacher sampled with each "
@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "adds over the sampler)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: robust on shared machines; 2 on an "
                    "idle 2-core machine is faster)")
+    p.add_argument("--workers", type=int, choices=(1, 2), help="processes running independent stages side by "
+                   "side: the teacher's evaluation while the students train (default 2 on a CPU with two free cores, "
+                   "else 1; only the timings change)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                       records=args.records,
                       eval_prompts=args.eval_prompts, baseline_lcm=False if args.no_lcm else None,
                       baselines=False if args.no_baselines else None,
-                      threads=args.threads, progress=False if args.no_progress else None)
+                      threads=args.threads, workers=args.workers, progress=False if args.no_progress else None)
     from tlcm.runlock import hold
 
     with hold(cfg.out, what="demo", flag="--out"):
