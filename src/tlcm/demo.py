@@ -320,7 +320,10 @@ def check_demo_config(cfg: DemoConfig) -> None:
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    """Run (or resume) the demo; return the evaluation results. See the module docstring."""
+    """Run (or resume) the demo; return the evaluation results. See the module docstring.
+
+    With two workers the side process is *spawned*: a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard (as for any multiprocessing code), or ``workers=1``."""
     check_demo_config(cfg)
     _world(cfg)  # a teacher of no known toy world is refused here, before anything is written
     if cfg.threads:
