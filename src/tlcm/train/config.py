@@ -128,6 +128,10 @@ class DistillConfig:
     gan_disc_weight: float = 1.0  # weight of the discriminator's loss (on the fake score's loss with backbone fake)
     disc_learning_rate: float = 1e-4  # the paper: D 1e-4, G 1e-5
 
+    # DMD's regression on the teacher's own (initial noise, latent) pairs of synthesised shards: the student's 1-step
+    # output from a record's noise (drawn again from its seed) vs the record's latent (tlcm.losses.regression)
+    regression_weight: float = 0.0
+
     # preference learning: a differentiable reward on the decoded student output at the low-noise end
     reward_model: str = ""  # spec for tlcm.losses.reward.load_reward: toy | clip:PATH | pickscore:PATH | aesthetic:W
     reward_weight: float = 0.0
@@ -461,13 +465,34 @@ def validate_config(cfg: DistillConfig, need_data: bool = True, need_output: boo
     return cfg
 
 
+def _check_regression_pairs(cfg: DistillConfig) -> None:
+    """regression_weight needs exact (noise, latent) pairs: shards of `tlcm synthesize`, at the student's guidance."""
+    from tlcm.data import read_manifest
+
+    manifest = read_manifest(cfg.data)
+    if manifest.get("source", "synthesize") != "synthesize":
+        raise TLCMError(f"regression_weight > 0, but {cfg.data} holds encoded images: they have no initial noise that "
+                        "the teacher turned into them", "train the regression on shards from `tlcm synthesize` (or "
+                        "set regression_weight=0)")
+    g = (manifest.get("generation") or {}).get("guidance_scale")
+    if g is None or cfg.guidance_embedding:
+        return
+    w = max(float(g) - 1.0, 0.0)  # the shards' diffusers CFG g is LCM's w = g - 1
+    if not (cfg.w_min == cfg.w_max and abs(cfg.w_min - w) < 1e-6):
+        raise TLCMError(f"regression_weight > 0: the pairs in {cfg.data} were solved at guidance {float(g):g} "
+                        f"(w = {w:g} in the LCM form), but this student trains at w in [{cfg.w_min:g}, {cfg.w_max:g}] "
+                        "without a guidance embedding, so its one-step map would be pulled to another guidance",
+                        f"set w_min=w_max={w:g}, or synthesize the pairs at guidance {cfg.w_min + 1:g}")
+
+
 def _validate_techniques(cfg: DistillConfig, need_data: bool) -> None:
     """The bag of techniques and the state source: ranges, combinations, and what each one needs."""
-    for key in ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight", "dmd_guidance_scale",
+    for key in ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight", "regression_weight",
+                "dmd_guidance_scale",
                 "fake_learning_rate", "disc_learning_rate", "gan_disc_weight", "reward_mismatch_margin"):
         if getattr(cfg, key) < 0:
             raise TLCMError(f"{key}={getattr(cfg, key)} must not be negative", f"set {key} to 0 or more")
-    terms = ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight")
+    terms = ("consistency_weight", "dmd_weight", "gan_weight", "reward_weight", "regression_weight")
     if all(getattr(cfg, k) == 0 for k in terms) and not any(cfg.extra_losses.values()):
         raise TLCMError("every loss term has weight 0: the student would not learn",
                         f"set at least one of {', '.join(terms)} above 0")
@@ -504,6 +529,8 @@ def _validate_techniques(cfg: DistillConfig, need_data: bool) -> None:
         from tlcm.data import read_manifest
 
         read_manifest(cfg.gan_real_data, require_complete=True)
+    if cfg.regression_weight > 0 and need_data and cfg.data:
+        _check_regression_pairs(cfg)
     if cfg.reward_weight > 0 and not cfg.reward_model:
         raise TLCMError("reward_weight > 0 but no reward_model is set",
                         "set reward_model (toy, clip:PATH, pickscore:PATH or aesthetic:WEIGHTS) or reward_weight=0")

@@ -96,6 +96,9 @@ def collate(records: list[dict]) -> dict:
     out = {"latents": torch.stack([torch.as_tensor(r["latents"], dtype=torch.float32) for r in records])}
     out["prompt"] = [str(r.get("prompt", "")) for r in records]
     out["negative_prompt"] = [str(r.get("negative_prompt", "") or "") for r in records]
+    # the record's seed (its initial noise, for the regression pairs) and the guidance it was solved at
+    out["seed"] = [int(r.get("seed", 0)) for r in records]
+    out["guidance_scale"] = [float(r.get("guidance_scale", 0.0)) for r in records]
     for key in ("prompt_embeds", "pooled_prompt_embeds", "trajectory", "trajectory_timesteps"):
         if all(r.get(key) is not None for r in records):
             out[key] = torch.stack([torch.as_tensor(r[key]) for r in records])
@@ -698,6 +701,9 @@ def plan_text(cfg: DistillConfig) -> str:
                 else f"data latents ({cfg.gan_real_data or 'the training shards'})")
         lines.append(f"GAN: {cfg.gan_loss} loss, heads on the {cfg.gan_backbone}'s {cfg.gan_features} features at "
                      f"t ~ U[{cfg.gan_t_min}, {cfg.gan_t_max}]; real = {real}")
+    if cfg.regression_weight > 0:
+        lines.append(f"regression: the student's 1-step output from each record's initial noise (its seed) vs the "
+                     f"record's latent, {cfg.loss_type}, weight {cfg.regression_weight}")
     if cfg.reward_weight > 0:
         form = "-R" if cfg.reward_kind == "plain" else (
             f"hinge, margin {cfg.reward_margin or 'the reward default'}, plus a hinge on a mismatched prompt "

@@ -4,7 +4,8 @@ A step (see :func:`tlcm.train.loop.distill`) walks the recipe's phases (:func:`t
 each phase trains one part and calls one method of :class:`StepLosses` per micro-batch:
 
 * ``student``: ``consistency_weight * consistency`` (the recipe's LCM / MLCD / stage-2 loss, from forward-noised,
-  teacher-path or stored states) ``+ dmd_weight * DMD + gan_weight * GAN_G + reward_weight * reward + extras``;
+  teacher-path or stored states) ``+ dmd_weight * DMD + gan_weight * GAN_G + regression_weight * regression +
+  reward_weight * reward + extras``;
 * ``fake``: the fake score's denoising loss on the student's (detached) samples ``[+ gan_disc_weight * GAN_D]`` when
   the discriminator is built on the fake score (DMD2);
 * ``discriminator``: ``gan_disc_weight * GAN_D`` on the frozen teacher's features (heads only).
@@ -48,6 +49,7 @@ from tlcm.losses import (
 )
 from tlcm.losses.adversarial import discriminator_loss, generator_loss
 from tlcm.losses.dmd import distribution_matching_loss, fake_score_loss
+from tlcm.losses.regression import regression_loss
 from tlcm.losses.reward import decode_for_reward, mismatched_prompts, reward_loss
 from tlcm.math import segment_edges
 from tlcm.train.config import DistillConfig
@@ -303,6 +305,22 @@ class StepLosses:
         real = self.teacher_fn(cond, uncond, guided=bool((w != 0).any()))
         return distribution_matching_loss(x, real, self.fake_fn(cond), noise, t, w, self.schedule)
 
+    def regression(self, mb: MicroBatch) -> LossOutput:
+        """DMD's regression (:mod:`tlcm.losses.regression`): each record's initial noise, drawn again from its seed
+        exactly as `tlcm synthesize` drew it, through the student's one step, against the record's latent."""
+        from tlcm.data.synthesize import initial_noise
+
+        x0 = mb.batch["latents"].to(self.device)
+        noise = initial_noise([int(s) for s in mb.batch["seed"]], tuple(x0.shape[1:])).to(self.device, x0.dtype)
+        cond, _ = self.conditioning(mb)
+        t_cond = None
+        if self.embed_dim:  # the student is told the guidance the pairs were solved at (LCM form w = g - 1)
+            w = (torch.as_tensor(mb.batch["guidance_scale"], dtype=torch.float32) - 1.0).clamp(min=0.0)
+            t_cond = guidance_scale_embedding(w, self.embed_dim).to(self.device, self.weight_dtype)
+        plan = sampling_plan(self.cfg, 1)
+        return regression_loss(self.student_fn(cond, t_cond), noise, x0, plan.timesteps[0], self.schedule,
+                               plan.mode, plan.boundary, self.distance_kind, self.cfg.huber_c)
+
     def _renoise(self, x: torch.Tensor, gen: torch.Generator):
         cfg = self.cfg
         t = torch.randint(cfg.gan_t_min, cfg.gan_t_max + 1, (x.shape[0],), generator=gen).to(self.device)
@@ -376,6 +394,10 @@ class StepLosses:
                 g = self.gan_generator(mb, x)
                 total = total + cfg.gan_weight * g
                 logs["loss/gan_g"] = float(g.detach())
+        if cfg.regression_weight > 0:
+            reg = self.regression(mb)
+            total = total + cfg.regression_weight * reg.loss
+            logs["loss/regression"] = float(reg.loss.detach())
         if cfg.reward_weight > 0:
             r = self.reward_term(mb)
             total = total + cfg.reward_weight * r

@@ -147,6 +147,8 @@ def recipe_phases(cfg: DistillConfig) -> list[PhaseSpec]:
         terms.append(f"{cfg.dmd_weight:g} x DMD")
     if cfg.gan_weight > 0:
         terms.append(f"{cfg.gan_weight:g} x GAN generator ({cfg.gan_loss})")
+    if cfg.regression_weight > 0:
+        terms.append(f"{cfg.regression_weight:g} x regression on the teacher's (noise, latent) pairs")
     if cfg.reward_weight > 0:
         terms.append(f"{cfg.reward_weight:g} x reward {cfg.reward_kind} ({cfg.reward_model})")
     terms += [f"{w:g} x {name}" for name, w in cfg.extra_losses.items() if w]
