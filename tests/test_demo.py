@@ -18,7 +18,8 @@ def tiny_teacher(tmp_path_factory):
 def _cfg(out, teacher, **kw):
     base = dict(out=str(out), teacher=teacher, device="cpu", records=8, synth_steps=1, mlcd_steps=1, tlcm_steps=1,
                 distill_batch=4, baseline_lcm=False, eval_prompts=3, eval_steps=(1, 2), teacher_solvers=("ddim",),
-                teacher_ceiling_steps=3, reference_steps=1, diversity=(2, 2), progress=False, world="v3")
+                teacher_ceiling_steps=3, reference_steps=1, diversity=(2, 2), progress=False, world="v3",
+                reward_steps=0, dmd_steps=0)
     base.update(kw)
     return demo.demo_config(True, **base)
 
@@ -69,15 +70,18 @@ def _quality(results):
 def test_two_workers_change_only_the_timings(tiny_teacher, tmp_path):
     # the side process evaluates the teacher while the students train, then the MLCD/TLCM students while the
     # LCM-LoRA trains; the final sweep reuses those cells. Students and every number but the timings: as with 1.
-    kw = dict(baseline_lcm=True, lcm_steps=1)
+    kw = dict(baseline_lcm=True, lcm_steps=1, reward_steps=1, dmd_steps=1)
     one = demo.run_demo(_cfg(tmp_path / "one", tiny_teacher, workers=1, **kw), log=lambda *_: None)
     two = demo.run_demo(_cfg(tmp_path / "two", tiny_teacher, workers=2, **kw), log=lambda *_: None)
     stages = json.loads((tmp_path / "two" / "stages.json").read_text())
-    assert {k for k, v in stages.items() if v.get("side")} == {"evaluate teacher", "evaluate tlcm, mlcd"}
+    assert {k for k, v in stages.items() if v.get("side")} == {"evaluate teacher", "distill lcm",
+                                                                 "evaluate tlcm, mlcd, lcm"}
+    assert {"distill tlcm reward", "distill tlcm dmd-gan"} <= set(stages)
+    assert {"tlcm-full__tlcm__s1__g1", "lcm__tlcm__s2__g1"} <= set(_quality(two))
     cells = (tmp_path / "two" / "eval" / "cells")
     side_cells = {json.loads(p.read_text())["cell"] for p in cells.glob("*.json")}
     assert _quality(one) == _quality(two) and len(side_cells) == len(two["cells"])
-    for name in ("tlcm", "mlcd", "lcm"):
+    for name in ("tlcm", "tlcm-full", "mlcd", "lcm"):
         a, b = (tmp_path / d / "students" / name / demo.LORA_FILE for d in ("one", "two"))
         assert a.read_bytes() == b.read_bytes(), name
     assert "side process" in (tmp_path / "two" / "report" / "README.md").read_text()

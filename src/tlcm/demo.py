@@ -6,23 +6,24 @@ resumes where it stopped):
 1. **synthesize**: the toy teacher turns toy-world captions into latent shards with DPM-Solver++ and CFG
    (:func:`tlcm.data.synthesize.synthesize`); no real image is used.
 2. **distill**: an MLCD student (TLCM stage 1, preset ``toy-mlcd``), then the TLCM student (stage 2, preset
-   ``toy-tlcm``, initialised from the MLCD LoRA), and an LCM-LoRA baseline (preset ``toy-lcm``), all from the same
-   shards (:func:`tlcm.train.loop.distill`).
+   ``toy-tlcm``, initialised from the MLCD LoRA), then the paper's last phases on it, the ``toy-tlcm-full`` chain's:
+   preference learning (``toy-tlcm-reward``) and DMD + GAN (``toy-tlcm-dmd``), giving ``tlcm-full``; and an LCM-LoRA
+   baseline (preset ``toy-lcm``), all from the same shards (:func:`tlcm.train.loop.distill`).
 3. **evaluate**: the students at 1, 2, 4 and 8 steps with their own schedulers against the training-free rows of
    the undistilled teacher: DDIM, DPM-Solver++ and Euler at the same step counts with and without CFG, DDIM at 25
    steps, and the teacher sampled with each student's own scheduler (``teacher+NAME-sampler``, g = 1 and CFG;
    :mod:`tlcm.evaluate.baselines`), on toy-world captions the students never trained on; toy-FID against rendered
    data and against the teacher's DPM-Solver++ 25-step samples, prompt alignment, recall, per-prompt diversity,
    latency, network evaluations, memory (:func:`tlcm.evaluate.sweep.run_sweep`).
-With ``workers=2`` (the default on a CPU with two free cores) independent stages run side by side, each on one
-thread: a second process evaluates the teacher's training-free rows while the students train, then the MLCD and
-TLCM students while the LCM-LoRA baseline trains; the final evaluation reuses those cells (the sweep resumes finished
-cells) and adds the rest. Every number but the timings is the same as with ``workers=1``: each cell is computed from
-its own seeds, in whichever process runs it.
-
 4. **report**: ``OUT/report/`` with README.md (the training-free and student tables, each student against the best
    training-free sampler, timings, the commands), overview.png (samples: rows = method, columns = steps), plots,
    results.csv.
+
+With ``workers=2`` (the default on a CPU with two free cores) independent stages run side by side, each on one
+thread: a second process evaluates the teacher's training-free rows while MLCD and TLCM train, then trains the
+LCM-LoRA and evaluates it, MLCD and TLCM while the main process runs the reward and DMD + GAN phases; the final
+evaluation reuses those cells (the sweep resumes finished cells) and adds ``tlcm-full``'s. Every number but the
+timings is the same as with ``workers=1``: each cell is computed from its own seeds, in whichever process runs it.
 
 ``quick=True`` shrinks every count (records, training steps, evaluation prompts) and keeps the same code path; it is
 the CI smoke test.
@@ -57,6 +58,9 @@ class DemoConfig:
     mlcd_steps: int = 250
     tlcm_steps: int = 100
     lcm_steps: int = 500  # LCM-LoRA converges slower than MLCD (at 250 its 2-step toy-FID was 442 vs 48)
+    # the toy-tlcm-full chain's last phases on the TLCM student: preference learning, then DMD + GAN (0: skip both)
+    reward_steps: int = 100
+    dmd_steps: int = 100
     distill_batch: int = 16
     baseline_lcm: bool = True
     eval_prompts: int = 256
@@ -84,7 +88,8 @@ class DemoConfig:
 
 
 # Sized for 2 CPU cores: the full demo in about 20 minutes, the quick one in under 5 (the CI smoke test).
-QUICK = dict(records=32, synth_steps=8, mlcd_steps=8, tlcm_steps=4, lcm_steps=8, distill_batch=8,
+QUICK = dict(records=32, synth_steps=8, mlcd_steps=8, tlcm_steps=4, lcm_steps=8, reward_steps=2, dmd_steps=2,
+             distill_batch=8,
              eval_prompts=32, teacher_ceiling_steps=25, reference_steps=10, diversity=(8, 4))
 
 
@@ -246,46 +251,69 @@ def _all_cells_cached(scfg) -> bool:
     return all((cells / f"{c.id}.json").is_file() for c in scfg.cells())
 
 
-def _side_evaluate(cfg: DemoConfig, eval_dir: str, students: dict[str, str], verbose: bool) -> dict:
-    """The side process's stage: the sweep restricted to ``students`` (and the teacher's rows), into the demo's
-    evaluation folder, whose final sweep then reuses these cells. Returns its wall and CPU seconds."""
+def _side_run(cfg: DemoConfig, eval_dir: str, jobs: list, verbose: bool) -> list:
+    """The side process: ``jobs`` in turn, each ``(name, spec)``: ``{"kind": "evaluate", "students": {name: dir}}``
+    (the sweep restricted to those students and the teacher's rows, into the demo's evaluation folder, whose final
+    sweep then reuses the cells) or ``{"kind": "distill", "preset", "out", "steps", "overrides"}``. Returns each
+    job's ``(name, timing)``."""
     if cfg.threads:
         import torch
 
         torch.set_num_threads(int(cfg.threads))
     from tlcm.evaluate.sweep import run_sweep
 
-    t0, c0 = time.perf_counter(), _cpu_seconds()
     log = (lambda msg: print(f"[side] {msg}", flush=True)) if verbose else (lambda *_: None)
-    run_sweep(sweep_config(cfg, Path(eval_dir), {k: Path(v) for k, v in students.items()}), log=log)
-    return {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    quiet = replace(cfg, progress=False)  # one progress bar on the terminal: the main process's
+    data = Path(cfg.out).expanduser() / "data"
+    done = []
+    for name, spec in jobs:
+        log(f"{name} ...")
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        if spec["kind"] == "evaluate":
+            students = {k: Path(v) for k, v in spec["students"].items()}
+            run_sweep(sweep_config(cfg, Path(eval_dir), students), log=log)
+        else:
+            _distill(quiet, spec["preset"], data, Path(spec["out"]), int(spec["steps"]), list(spec["overrides"]))
+        timing = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        log(f"{name}: {timing['seconds']:.0f} s")
+        done.append((name, timing))
+    return done
 
 
 class _SideLane:
-    """At most one evaluation stage running in a second process while the main process trains."""
+    """At most one batch of stages running in a second process while the main process trains."""
 
     def __init__(self, cfg: DemoConfig, eval_dir: Path, stages: _Stages, verbose: bool):
         self.cfg, self.eval_dir, self.stages, self.verbose = cfg, eval_dir, stages, verbose
         self.job = None
-        self.job_name = ""
 
-    def start(self, name: str, students: dict[str, Path]) -> None:
-        """Evaluate the teacher's rows and ``students``'s cells beside the main process (unless all are cached)."""
+    def _needed(self, spec: dict) -> bool:
+        if spec["kind"] == "evaluate":  # a student trained earlier in the same batch has no folder yet
+            return not all(_student_done(Path(d)) for d in spec["students"].values()) or \
+                not _all_cells_cached(sweep_config(self.cfg, self.eval_dir, spec["students"]))
+        return not _student_done(Path(spec["out"]))
+
+    def start(self, jobs: list) -> None:
+        """Run the ``(name, spec)`` jobs of :func:`_side_run` that are not done yet, in turn, beside the main
+        process (after the previous batch has finished)."""
         from tlcm.side_process import SideProcess
 
         self.wait()
-        if _all_cells_cached(sweep_config(self.cfg, self.eval_dir, students)):
+        todo = [(name, {**spec, **({"students": {k: str(v) for k, v in spec["students"].items()}}
+                                    if "students" in spec else {})})
+                for name, spec in jobs if self._needed(spec)]
+        if not todo:
             return
-        self.stages.log(f"[demo] {name} (side process) ...")
-        self.job_name = name
-        self.job = SideProcess(f"demo {name}", _side_evaluate, self.cfg, str(self.eval_dir),
-                               {k: str(v) for k, v in students.items()}, self.verbose)
+        self.stages.log(f"[demo] {', '.join(n for n, _ in todo)} (side process) ...")
+        self.job = SideProcess(f"demo side stages ({', '.join(n for n, _ in todo)})", _side_run, self.cfg,
+                               str(self.eval_dir), todo, self.verbose)
 
     def wait(self) -> None:
         if self.job is not None:
             job, self.job = self.job, None
-            self.stages.record(self.job_name, job.result())
+            for name, timing in job.result():
+                self.stages.record(name, timing)
 
     def kill(self) -> None:
         if self.job is not None:
@@ -297,6 +325,9 @@ def check_demo_config(cfg: DemoConfig) -> None:
     """Every count and scale in range, before any stage runs (a bad one must not fail after three trainings)."""
     import math
 
+    if (cfg.reward_steps > 0) != (cfg.dmd_steps > 0) or min(cfg.reward_steps, cfg.dmd_steps) < 0:
+        raise TLCMError(f"reward_steps {cfg.reward_steps} and dmd_steps {cfg.dmd_steps}: the chain runs both phases "
+                        "or neither", "give both a positive count, or 0 to both (--no-chain)")
     for key in ("records", "synth_steps", "mlcd_steps", "tlcm_steps", "lcm_steps", "distill_batch", "eval_prompts",
                 "reference_steps", "eval_batch_size", "teacher_ceiling_steps"):
         if int(getattr(cfg, key)) < 1:
@@ -353,32 +384,48 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     eval_dir = out / "eval"
     workers = resolve_workers(cfg)
     side = _SideLane(cfg, eval_dir, stages, verbose=log is print) if workers > 1 else None
+    students: dict[str, Path] = {}
+    root = out / "students"
+    mlcd, tlcm_dir, lcm = root / "mlcd", root / "tlcm", root / "lcm"
+    reward_dir, full = root / "tlcm-reward", root / "tlcm-full"
+    chain = cfg.reward_steps > 0 and cfg.dmd_steps > 0
+    lcm_job = ("distill lcm", {"kind": "distill", "preset": "toy-lcm", "out": str(lcm), "steps": cfg.lcm_steps,
+                               "overrides": []})
     try:
-        if side:  # the teacher's rows need no student: evaluate them while the students train
-            side.start("evaluate teacher", {})
+        if side:  # the teacher's rows need no student: evaluate them while MLCD and TLCM train
+            side.start([("evaluate teacher", {"kind": "evaluate", "students": {}})])
         stages.run("synthesize", (data / "manifest.json").is_file() and
                    json.loads((data / "manifest.json").read_text()).get("complete", False),
                    lambda: _synthesize(cfg, data))
-        students: dict[str, Path] = {}
-        mlcd, tlcm_dir, lcm = out / "students" / "mlcd", out / "students" / "tlcm", out / "students" / "lcm"
         stages.run("distill mlcd", _student_done(mlcd),
                    lambda: _distill(cfg, "toy-mlcd", data, mlcd, cfg.mlcd_steps, []))
         stages.run("distill tlcm", _student_done(tlcm_dir),
                    lambda: _distill(cfg, "toy-tlcm", data, tlcm_dir, cfg.tlcm_steps, [f"init_lora={mlcd}"]))
-        students["tlcm"] = tlcm_dir
-        students["mlcd"] = mlcd
-        if cfg.baseline_lcm:
-            if side:  # then the two students (and their samplers' baselines) while the LCM-LoRA trains
-                side.start("evaluate tlcm, mlcd", dict(students))
+        early = {"tlcm": tlcm_dir, "mlcd": mlcd, **({"lcm": lcm} if cfg.baseline_lcm else {})}
+        if side:  # then the LCM-LoRA, and the three students' cells, while the chain's last phases train here
+            side.start(([lcm_job] if cfg.baseline_lcm else [])
+                       + [(f"evaluate {', '.join(early)}", {"kind": "evaluate", "students": early})])
+        if chain:  # the toy-tlcm-full chain's last phases: preference learning, then DMD + GAN
+            stages.run("distill tlcm reward", _student_done(reward_dir),
+                       lambda: _distill(cfg, "toy-tlcm-reward", data, reward_dir, cfg.reward_steps,
+                                        [f"init_lora={tlcm_dir}"]))
+            stages.run("distill tlcm dmd-gan", _student_done(full),
+                       lambda: _distill(cfg, "toy-tlcm-dmd", data, full, cfg.dmd_steps, [f"init_lora={reward_dir}"]))
+        if cfg.baseline_lcm and not side:
             stages.run("distill lcm", _student_done(lcm),
                        lambda: _distill(cfg, "toy-lcm", data, lcm, cfg.lcm_steps, []))
-            students["lcm"] = lcm
         if side:
             side.wait()
     except BaseException:
         if side:
             side.kill()
         raise
+    students["tlcm"] = tlcm_dir
+    if chain:
+        students["tlcm-full"] = full
+    students["mlcd"] = mlcd
+    if cfg.baseline_lcm:
+        students["lcm"] = lcm
 
     from tlcm.evaluate.sweep import run_sweep
 
@@ -422,6 +469,9 @@ def write_report(out: Path, cfg: DemoConfig, results: dict, stages: dict, total_
         + f" {cfg.records} latents from toy-world captions "
         f"(DPM-Solver++ {cfg.synth_steps} steps, CFG {cfg.guidance:g}); from them alone an MLCD LoRA "
         f"({cfg.mlcd_steps} steps), the TLCM LoRA (stage 2 from MLCD, {cfg.tlcm_steps} steps)"
+        + (f", `tlcm-full` (the TLCM LoRA then the toy-tlcm-full chain's last phases: preference learning "
+           f"{cfg.reward_steps} steps, DMD + GAN {cfg.dmd_steps} steps)"
+           if cfg.reward_steps > 0 and cfg.dmd_steps > 0 else "")
         + (f" and an LCM-LoRA baseline ({cfg.lcm_steps} steps)" if cfg.baseline_lcm else "")
         + f", batch {cfg.distill_batch}"
         + f" were distilled. All are evaluated on {results.get('num_prompts')} held-back captions (seed "

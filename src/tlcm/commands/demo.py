@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=int, help="synthetic records (default 512; quick 32)")
     p.add_argument("--eval-prompts", type=int, dest="eval_prompts", help="evaluation prompts (default 256; quick 32)")
     p.add_argument("--no-lcm", action="store_true", help="skip the LCM-LoRA baseline")
+    p.add_argument("--no-chain", action="store_true", help="skip the chain's last phases on the TLCM student "
+                   "(preference learning, then DMD + GAN: the tlcm-full row)")
     p.add_argument("--no-baselines", action="store_true", help="skip the undistilled teacher sampled with each "
                    "student's scheduler (teacher+NAME-sampler rows; faster, but nothing then shows what distillation "
                    "adds over the sampler)")
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = demo_config(args.quick, out=args.out, teacher=args.teacher, world=args.world, device=args.device,
                       records=args.records,
                       eval_prompts=args.eval_prompts, baseline_lcm=False if args.no_lcm else None,
+                      reward_steps=0 if args.no_chain else None, dmd_steps=0 if args.no_chain else None,
                       baselines=False if args.no_baselines else None,
                       threads=args.threads, workers=args.workers, progress=False if args.no_progress else None)
     from tlcm.runlock import hold

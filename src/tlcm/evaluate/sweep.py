@@ -651,6 +651,22 @@ def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell) -> dict:
     return ident
 
 
+def _describe(row: dict, spec: ModelSpec, sampling: dict) -> None:
+    """What the grid says about a cell's model (role, LoRA, whose baseline it is): written on a new row, and renewed
+    on a reused one, whose grid may differ (a baseline shared by a student added since)."""
+    for key in ("scheduler_from", "baseline_of", "extra_loras", "lora_sampling"):
+        row.pop(key, None)
+    row.update(role=spec.role, lora=spec.lora)
+    if spec.scheduler_from:
+        row["scheduler_from"] = spec.scheduler_from
+    if spec.baseline_of:
+        row["baseline_of"] = list(spec.baseline_of)
+    if spec.extra_loras:
+        row["extra_loras"] = [[p, w] for p, w in spec.extra_loras]
+    if sampling:
+        row["lora_sampling"] = sampling
+
+
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     """Run every cell (resuming finished ones), score them, and write the report; return the results dict."""
     from tlcm.evaluate import report
@@ -689,6 +705,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     done = 0
     for model_name, model_cells in by_model.items():
         spec = cfg.model(model_name)
+        sampling = sampling_defaults(spec.lora)
         todo = []
         for c in model_cells:
             cached = out / "cells" / f"{c.id}.json"
@@ -696,6 +713,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 row = json.loads(cached.read_text())
                 ident = _cell_identity(cfg, spec, c)
                 if all(row.get(k) == v for k, v in ident.items()):
+                    _describe(row, spec, sampling)
                     rows.append(row)
                     done += 1
                     continue
@@ -705,7 +723,6 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
         if not todo:
             continue
         pipe = pipes.get(spec)
-        sampling = sampling_defaults(spec.lora)
         for c in todo:
             scheduler = make_scheduler(c.scheduler, pipes.base_scheduler_config, spec.scheduler_dir,
                                        cfg.timestep_spacing)
@@ -721,15 +738,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 _warm_up(pipe, cfg, c)
                 pipes.warmed = True
             row, images, extra = run_cell(pipe, c, cfg, device, plan)
-            row.update(role=spec.role, lora=spec.lora, **_cell_identity(cfg, spec, c))
-            if spec.scheduler_from:
-                row["scheduler_from"] = spec.scheduler_from
-            if spec.baseline_of:
-                row["baseline_of"] = list(spec.baseline_of)
-            if spec.extra_loras:
-                row["extra_loras"] = [[p, w] for p, w in spec.extra_loras]
-            if sampling:
-                row["lora_sampling"] = sampling
+            row.update(_cell_identity(cfg, spec, c))
+            _describe(row, spec, sampling)
             for m in metrics:
                 row.update(m.score(images, cfg.prompts, extra))
             report.save_grid(out / "grids" / f"{c.id}.png", images[: cfg.grid_images])
