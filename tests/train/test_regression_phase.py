@@ -77,3 +77,11 @@ def test_regression_needs_synthesized_pairs_at_the_students_guidance(tmp_path):
         validate_config(_valid(regression_weight=-1.0), need_data=False)
     # regression alone is a loss term: the "every weight 0" guard counts it
     validate_config(_valid(consistency_weight=0.0), need_data=False)
+
+
+def test_regression_refuses_records_without_a_seed(tiny_cfg, dataset_fn, tmp_path):
+    # records with no seed (here: latents handed in through the API) have no known initial noise: no silent seed 0
+    cfg = tiny_cfg(output_dir=str(tmp_path / "o"), recipe="mlcd", regression_weight=1.0, max_steps=1,
+                   w_min=3.0, w_max=3.0, validation_prompts=[])
+    with pytest.raises(TLCMError, match="carry no seed"):
+        distill(cfg, pipe=tiny_sd15_pipeline(0), dataset_fn=dataset_fn, log_with=None, progress=False)

@@ -96,9 +96,11 @@ def collate(records: list[dict]) -> dict:
     out = {"latents": torch.stack([torch.as_tensor(r["latents"], dtype=torch.float32) for r in records])}
     out["prompt"] = [str(r.get("prompt", "")) for r in records]
     out["negative_prompt"] = [str(r.get("negative_prompt", "") or "") for r in records]
-    # the record's seed (its initial noise, for the regression pairs) and the guidance it was solved at
-    out["seed"] = [int(r.get("seed", 0)) for r in records]
-    out["guidance_scale"] = [float(r.get("guidance_scale", 0.0)) for r in records]
+    # the record's seed (its initial noise, for the regression pairs) and the guidance it was solved at: only when
+    # every record has them (a default would pair latents with noise they were never made from)
+    for key, kind in (("seed", int), ("guidance_scale", float)):
+        if all(r.get(key) is not None for r in records):
+            out[key] = [kind(r[key]) for r in records]
     for key in ("prompt_embeds", "pooled_prompt_embeds", "trajectory", "trajectory_timesteps"):
         if all(r.get(key) is not None for r in records):
             out[key] = torch.stack([torch.as_tensor(r[key]) for r in records])

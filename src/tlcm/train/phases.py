@@ -310,11 +310,19 @@ class StepLosses:
         exactly as `tlcm synthesize` drew it, through the student's one step, against the record's latent."""
         from tlcm.data.synthesize import initial_noise
 
+        if "seed" not in mb.batch:
+            raise TLCMError("regression_weight > 0, but the training records carry no seed: the initial noise "
+                            "their latents were solved from is unknown",
+                            "train the regression on shards from `tlcm synthesize` (or set regression_weight=0)")
         x0 = mb.batch["latents"].to(self.device)
-        noise = initial_noise([int(s) for s in mb.batch["seed"]], tuple(x0.shape[1:])).to(self.device, x0.dtype)
+        noise = initial_noise(mb.batch["seed"], tuple(x0.shape[1:])).to(self.device, x0.dtype)
         cond, _ = self.conditioning(mb)
         t_cond = None
         if self.embed_dim:  # the student is told the guidance the pairs were solved at (LCM form w = g - 1)
+            if "guidance_scale" not in mb.batch:
+                raise TLCMError("regression_weight > 0 with a guidance embedding, but the training records do not say "
+                                "which guidance their latents were solved at",
+                                "train on shards from `tlcm synthesize` (each record stores its guidance_scale)")
             w = (torch.as_tensor(mb.batch["guidance_scale"], dtype=torch.float32) - 1.0).clamp(min=0.0)
             t_cond = guidance_scale_embedding(w, self.embed_dim).to(self.device, self.weight_dtype)
         plan = sampling_plan(self.cfg, 1)
