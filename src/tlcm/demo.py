@@ -86,6 +86,11 @@ class DemoConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
+    @property
+    def chain(self) -> bool:
+        """Whether the chain's last phases (reward, DMD + GAN) run: both counts positive (checked together)."""
+        return self.reward_steps > 0 and self.dmd_steps > 0
+
 
 # Sized for 2 CPU cores: the full demo in about 20 minutes, the quick one in under 5 (the CI smoke test).
 QUICK = dict(records=32, synth_steps=8, mlcd_steps=8, tlcm_steps=4, lcm_steps=8, reward_steps=2, dmd_steps=2,
@@ -270,8 +275,7 @@ def _side_run(cfg: DemoConfig, eval_dir: str, jobs: list, verbose: bool) -> list
         log(f"{name} ...")
         t0, c0 = time.perf_counter(), _cpu_seconds()
         if spec["kind"] == "evaluate":
-            students = {k: Path(v) for k, v in spec["students"].items()}
-            run_sweep(sweep_config(cfg, Path(eval_dir), students), log=log)
+            run_sweep(sweep_config(cfg, Path(eval_dir), spec["students"]), log=log)
         else:
             _distill(quiet, spec["preset"], data, Path(spec["out"]), int(spec["steps"]), list(spec["overrides"]))
         timing = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
@@ -300,9 +304,7 @@ class _SideLane:
         from tlcm.side_process import SideProcess
 
         self.wait()
-        todo = [(name, {**spec, **({"students": {k: str(v) for k, v in spec["students"].items()}}
-                                    if "students" in spec else {})})
-                for name, spec in jobs if self._needed(spec)]
+        todo = [(name, spec) for name, spec in jobs if self._needed(spec)]  # paths pickle as they are
         if not todo:
             return
         self.stages.log(f"[demo] {', '.join(n for n, _ in todo)} (side process) ...")
@@ -388,8 +390,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     root = out / "students"
     mlcd, tlcm_dir, lcm = root / "mlcd", root / "tlcm", root / "lcm"
     reward_dir, full = root / "tlcm-reward", root / "tlcm-full"
-    chain = cfg.reward_steps > 0 and cfg.dmd_steps > 0
-    lcm_job = ("distill lcm", {"kind": "distill", "preset": "toy-lcm", "out": str(lcm), "steps": cfg.lcm_steps,
+    lcm_job = ("distill lcm", {"kind": "distill", "preset": "toy-lcm", "out": lcm, "steps": cfg.lcm_steps,
                                "overrides": []})
     try:
         if side:  # the teacher's rows need no student: evaluate them while MLCD and TLCM train
@@ -405,7 +406,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         if side:  # then the LCM-LoRA, and the three students' cells, while the chain's last phases train here
             side.start(([lcm_job] if cfg.baseline_lcm else [])
                        + [(f"evaluate {', '.join(early)}", {"kind": "evaluate", "students": early})])
-        if chain:  # the toy-tlcm-full chain's last phases: preference learning, then DMD + GAN
+        if cfg.chain:  # the toy-tlcm-full chain's last phases: preference learning, then DMD + GAN
             stages.run("distill tlcm reward", _student_done(reward_dir),
                        lambda: _distill(cfg, "toy-tlcm-reward", data, reward_dir, cfg.reward_steps,
                                         [f"init_lora={tlcm_dir}"]))
@@ -421,7 +422,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
             side.kill()
         raise
     students["tlcm"] = tlcm_dir
-    if chain:
+    if cfg.chain:
         students["tlcm-full"] = full
     students["mlcd"] = mlcd
     if cfg.baseline_lcm:
@@ -471,7 +472,7 @@ def write_report(out: Path, cfg: DemoConfig, results: dict, stages: dict, total_
         f"({cfg.mlcd_steps} steps), the TLCM LoRA (stage 2 from MLCD, {cfg.tlcm_steps} steps)"
         + (f", `tlcm-full` (the TLCM LoRA then the toy-tlcm-full chain's last phases: preference learning "
            f"{cfg.reward_steps} steps, DMD + GAN {cfg.dmd_steps} steps)"
-           if cfg.reward_steps > 0 and cfg.dmd_steps > 0 else "")
+           if cfg.chain else "")
         + (f" and an LCM-LoRA baseline ({cfg.lcm_steps} steps)" if cfg.baseline_lcm else "")
         + f", batch {cfg.distill_batch}"
         + f" were distilled. All are evaluated on {results.get('num_prompts')} held-back captions (seed "
