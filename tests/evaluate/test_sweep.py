@@ -146,3 +146,22 @@ def test_cached_results_are_tied_to_the_prompt_set(prompt_file, tmp_path):
     fewer = config_from_options(out=str(tmp_path / "e"), model="x", prompts=str(prompt_file), num_prompts=3)
     assert prompt_set_digest(cfg) == prompt_set_digest(same)
     assert len({prompt_set_digest(c) for c in (cfg, other_seed, fewer)}) == 3
+
+
+def test_cells_scored_without_a_reference_are_not_reused_by_a_run_with_one(tiny_sd15_dir, prompt_file, fake_inception,
+                                                                          tmp_path):
+    """A cell from a ``--no-reference`` run has no ``*_teacher`` numbers: a later run with a reference in the same
+    folder must recompute it, not report the cell without them (and say nothing)."""
+    opts = dict(out=str(tmp_path / "e"), model=str(tiny_sd15_dir), prompts=str(prompt_file), schedulers="ddim",
+                steps="1", guidance="3", reference_solver="dpmpp:2", inception_weights=str(fake_inception),
+                device="cpu")
+    (first,) = run_sweep(config_from_options(no_reference=True, **opts), log=lambda *_: None)["cells"]
+    assert "fid_teacher" not in first
+    said = []
+    (second,) = run_sweep(config_from_options(**opts), log=said.append)["cells"]
+    assert second["fid_teacher"] >= -1e-6
+    assert any("another reference or metrics" in s for s in said)
+    stamp = (tmp_path / "e" / "cells" / f"{second['cell']}.json").stat().st_mtime_ns
+    (third,) = run_sweep(config_from_options(**opts), log=lambda *_: None)["cells"]  # same scoring: reused
+    assert (tmp_path / "e" / "cells" / f"{third['cell']}.json").stat().st_mtime_ns == stamp
+    assert third["fid_teacher"] == second["fid_teacher"]

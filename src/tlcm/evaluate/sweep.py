@@ -643,9 +643,20 @@ def _validate(cfg: SweepConfig) -> None:
         raise TLCMError(f"diversity {div} needs K >= 1 prompts and S >= 2 seeds", "pass e.g. --diversity 32x4")
 
 
-def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell) -> dict:
-    """What a cached cell result must match to be reused: the prompt set and, for a saved scheduler, its config."""
-    ident = {"prompt_set": prompt_set_digest(cfg)}
+def _scoring_identity(cfg: SweepConfig, reference, metrics: list) -> dict:
+    """What a cell's scores were measured against: the teacher's reference samples, the data images, the metrics that
+    ran and their options. A cell scored without a reference (``--no-reference``) has no ``*_teacher`` numbers, so it
+    must not be reused by a run that has one (and the other way round)."""
+    options = {k: v for k, v in asdict(cfg.metrics).items() if k != "device"}
+    ident = {"reference": reference.teacher_label, "data": cfg.reference.data,
+             "metrics": [type(m).__name__ for m in metrics], "options": options}
+    return json.loads(json.dumps(ident))  # as a cached row holds it (tuples become lists)
+
+
+def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell, scoring: dict) -> dict:
+    """What a cached cell result must match to be reused: the prompt set, how it was scored (``scoring``, from
+    :func:`_scoring_identity`) and, for a saved scheduler, its config."""
+    ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring}
     if cell.scheduler.name == "tlcm":
         ident["scheduler_config"] = saved_scheduler_config(spec.scheduler_dir)
     return ident
@@ -696,6 +707,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     reference_metrics: dict[str, float] = {}
     for m in metrics:
         reference_metrics.update(m.reference_metrics())
+    scoring = _scoring_identity(cfg, reference, metrics)
 
     rows: list[dict] = []
     cells = cfg.cells()
@@ -711,14 +723,14 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
             cached = out / "cells" / f"{c.id}.json"
             if cfg.resume and cached.is_file() and (out / "grids" / f"{c.id}.png").is_file():
                 row = json.loads(cached.read_text())
-                ident = _cell_identity(cfg, spec, c)
+                ident = _cell_identity(cfg, spec, c, scoring)
                 if all(row.get(k) == v for k, v in ident.items()):
                     _describe(row, spec, sampling)
                     rows.append(row)
                     done += 1
                     continue
-                log(f"{c.id}: the cached result was made with other prompts or another scheduler config; "
-                    "recomputing")
+                log(f"{c.id}: the cached result was made with other prompts, another reference or metrics, or "
+                    "another scheduler config; recomputing")
             todo.append(c)
         if not todo:
             continue
@@ -738,7 +750,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 _warm_up(pipe, cfg, c)
                 pipes.warmed = True
             row, images, extra = run_cell(pipe, c, cfg, device, plan)
-            row.update(_cell_identity(cfg, spec, c))
+            row.update(_cell_identity(cfg, spec, c, scoring))
             _describe(row, spec, sampling)
             for m in metrics:
                 row.update(m.score(images, cfg.prompts, extra))
