@@ -174,6 +174,28 @@ def test_data_from_another_teacher_is_refused_unless_allowed(tmp_path, tiny_sd15
     assert "warning: --allow-teacher-mismatch" in capsys.readouterr().err
 
 
+def test_init_lora_from_another_teacher_or_other_segments_is_refused(tmp_path, dataset_fn, capsys):
+    """Starting from a run of another teacher is mixing teachers (allowed, warned, with --allow-teacher-mismatch);
+    stage 2 on other segments than its stage 1 learns from samples its start never learnt to draw (always refused)."""
+    stage1 = tmp_path / "stage1"
+    _run(_cfg(stage1, recipe="mlcd", num_segments=2, num_ddim_timesteps=10), dataset_fn)
+    stage2 = dict(recipe="tlcm", num_segments=2, num_ddim_timesteps=10, init_lora=str(stage1), max_steps=1,
+                  stage2_sample_steps=2, stage2_substeps=1)
+    other = tiny_sd15_pipeline(7)
+    with pytest.raises(TLCMError, match=r"init_lora .* was distilled from another teacher \(fingerprint") as err:
+        distill(_cfg(tmp_path / "a", **stage2), pipe=other, dataset_fn=dataset_fn, log_with=None, progress=False)
+    assert "--allow-teacher-mismatch" in str(err.value) and not (tmp_path / "a" / "adapter").exists()
+    distill(_cfg(tmp_path / "b", **stage2, allow_teacher_mismatch=True), pipe=other, dataset_fn=dataset_fn,
+            log_with=None, progress=False)
+    assert "warning: --allow-teacher-mismatch: init_lora" in capsys.readouterr().err
+    for key, value in (("num_segments", 1), ("num_ddim_timesteps", 20)):
+        cfg = _cfg(tmp_path / key, **{**stage2, key: value}, allow_teacher_mismatch=True)
+        with pytest.raises(TLCMError, match=rf"on other segments than its stage 1: {key}: stage 1 \d+, here {value}"):
+            _run(cfg, dataset_fn)
+    _run(_cfg(tmp_path / "same", **stage2), dataset_fn)  # the same teacher and segments: trains
+    assert (tmp_path / "same" / "adapter").is_dir()
+
+
 def test_latent_shape_and_scaling_are_checked(tmp_path, tiny_sd15_dir):
     from tlcm.data import read_manifest
 

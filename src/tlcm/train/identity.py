@@ -16,7 +16,8 @@
   ``--resume`` together with the checkpoints that could be resumed instead.
 * **Data and teacher**: the shards' teacher fingerprint and VAE scaling must match the teacher
   (``--allow-teacher-mismatch`` for deliberate cross-training); their latent channels and size are checked by
-  :mod:`tlcm.train.resolution`, with no way around.
+  :mod:`tlcm.train.resolution`, with no way around. A run started from another run (``init_lora``) must share its
+  teacher (same switch) and, for stage 2 from stage 1, its segments (no switch).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ class RunGuard:
     # -- teacher and data ----------------------------------------------------------------------------------------
     def check_teacher_and_data(self, pipe, num_processes: int = 1) -> None:
         """After the teacher is loaded: its fingerprint; the shards' teacher, latent shape and scaling against it;
-        the batch against the data set's size; on resume, the rest of the identity."""
+        the batch against the data set's size; the ``init_lora`` run's teacher and segments; on resume, the rest of
+        the identity."""
         from tlcm.data.synthesize import fingerprint_matches, teacher_fingerprint
 
         cfg = self.cfg
@@ -273,6 +275,7 @@ class RunGuard:
                     f"{cfg.data}: every batch would repeat records",
                     f"lower batch_size (at most {max(1, records // num_processes)}), raise gradient_accumulation_steps "
                     "for a larger effective batch, or synthesize more records")
+        check_init_lora_matches(cfg, self.identity["teacher_fingerprint"])
         self._compare_resumed()
 
     def _compare_resumed(self) -> None:
@@ -455,6 +458,37 @@ def open_run(cfg, *, resume: str | None = None, overwrite: bool = False, in_memo
 # ----------------------------------------------------------------------------------------------------------------
 # data against teacher
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def check_init_lora_matches(cfg, fingerprint: str) -> None:
+    """Refuse to start from a run (``init_lora``) of another teacher, and stage 2 from a stage-1 run on other
+    segments: the stage-1 student walks its own segment edges, so stage 2 on other edges would learn from samples
+    its start was never trained to draw, and still finish. A teacher mismatch is allowed (warned) with
+    ``allow_teacher_mismatch``; the segments are not. An adapter without a ``run.json`` (not a tlcm run) is not checked.
+    """
+    run_file = Path(cfg.init_lora) / RUN_FILE if cfg.init_lora else None
+    if run_file is None or not run_file.is_file():
+        return
+    try:
+        ident = json.loads(run_file.read_text()).get("identity") or {}
+    except (OSError, ValueError) as e:
+        raise TLCMError(f"init_lora {cfg.init_lora!r}: its {RUN_FILE} cannot be read ({e})",
+                        "point init_lora at a finished `tlcm distill` output folder") from e
+    theirs, mine = ident.get("teacher_fingerprint"), fingerprint
+    if theirs and mine and theirs != mine:
+        problem = (f"init_lora {cfg.init_lora!r} was distilled from another teacher (fingerprint {theirs}; "
+                   f"--teacher {cfg.teacher!r} is {mine})")
+        if not cfg.allow_teacher_mismatch:
+            raise TLCMError(problem, "start from a run of this teacher, or pass --allow-teacher-mismatch to adapt "
+                                     "another teacher's LoRA on purpose")
+        print(f"warning: --allow-teacher-mismatch: {problem}", file=sys.stderr)
+    old = ident.get("config") or {}
+    if cfg.recipe == "tlcm" and old.get("recipe") == "mlcd":
+        changed = [f"{k}: stage 1 {old.get(k)!r}, here {getattr(cfg, k)!r}" for k in ("num_segments",
+                   "num_ddim_timesteps") if old.get(k) is not None and old.get(k) != getattr(cfg, k)]
+        if changed:
+            raise TLCMError(f"stage 2 from {cfg.init_lora!r} on other segments than its stage 1: " + "; ".join(changed),
+                            "set num_segments and num_ddim_timesteps as in the stage-1 run (--set KEY=VALUE)")
 
 
 def check_data_matches_teacher(manifest: dict, pipe, cfg, fingerprint_matches) -> None:
