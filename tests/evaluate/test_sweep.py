@@ -165,3 +165,24 @@ def test_cells_scored_without_a_reference_are_not_reused_by_a_run_with_one(tiny_
     (third,) = run_sweep(config_from_options(**opts), log=lambda *_: None)["cells"]  # same scoring: reused
     assert (tmp_path / "e" / "cells" / f"{third['cell']}.json").stat().st_mtime_ns == stamp
     assert third["fid_teacher"] == second["fid_teacher"]
+
+
+def test_lcm_and_tcd_for_a_student_walk_the_grid_it_was_trained_on(tmp_path):
+    """A student distilled on a 20-point skipping grid samples 999, 749, 499, 249 in 4 steps; the teacher's default
+    grid (50 points) would give 999, 759, 499, 259: lcm/tcd cells of a student take its saved grid."""
+    from tlcm import TLCMScheduler
+    from tlcm.evaluate.sweep import make_scheduler
+    from tlcm.sd_config import STABLE_DIFFUSION_SCHEDULER_CONFIG
+
+    base = dict(STABLE_DIFFUSION_SCHEDULER_CONFIG)
+    TLCMScheduler.from_config(base, original_inference_steps=20, boundary_condition="none").save_pretrained(
+        tmp_path / "student" / "scheduler")
+    for name in ("lcm", "tcd:0.4"):
+        teacher_grid = make_scheduler(SchedulerSpec.parse(name), base)
+        student_grid = make_scheduler(SchedulerSpec.parse(name), base, str(tmp_path / "student"))
+        teacher_grid.set_timesteps(4)
+        student_grid.set_timesteps(4)
+        assert teacher_grid.timesteps.tolist() == [999, 759, 499, 259], name
+        assert student_grid.timesteps.tolist() == [999, 749, 499, 249], name
+    tcd = make_scheduler(SchedulerSpec.parse("tcd:0.4"), base, str(tmp_path / "student"))
+    assert tcd.config.mode == "tcd" and tcd.config.gamma == 0.4 and tcd.config.boundary_condition == "none"

@@ -10,8 +10,8 @@ Scheduler names map to diffusers classes (all built from the teacher's scheduler
 ``ddim``      ``DDIMScheduler``
 ``dpmpp``     ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``
 ``euler``     ``EulerDiscreteScheduler``
-``lcm``       ``LCMScheduler``
-``tcd:G``     ``TLCMScheduler(mode="tcd", gamma=G)`` (``tcd`` alone: gamma 0.3)
+``lcm``       ``LCMScheduler`` (for a student: on its trained grid, the saved ``original_inference_steps``)
+``tcd:G``     ``TLCMScheduler(mode="tcd", gamma=G)`` (``tcd`` alone: gamma 0.3; for a student: its saved config)
 ``tlcm``      ``TLCMScheduler`` with the config saved in the LoRA folder (``scheduler/scheduler_config.json``)
 ============  ==========================================================================================
 
@@ -289,15 +289,23 @@ def make_scheduler(spec: SchedulerSpec, base_config, lora_dir: str | None = None
         if spec.name == "dpmpp":
             extra.update(algorithm_type="dpmsolver++", solver_order=2)
         return cls.from_config(cfg, **extra)
-    if spec.name == "lcm":
-        return diffusers.LCMScheduler.from_config(cfg)
     from tlcm import TLCMScheduler
 
+    folder = Path(lora_dir) if lora_dir else None
+    saved = folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file()
+    # lcm / tcd for a student (or its baseline): on the timestep grid the student was trained on (its saved
+    # original_inference_steps, e.g. 20 for the toy TLCM presets), not the teacher's default of 50
+    if spec.name == "lcm":
+        if saved:
+            trained = TLCMScheduler.from_pretrained(str(folder), subfolder="scheduler").config
+            cfg["original_inference_steps"] = trained.original_inference_steps
+        return diffusers.LCMScheduler.from_config(cfg)
     if spec.name == "tcd":
+        if saved:
+            return TLCMScheduler.from_pretrained(str(folder), subfolder="scheduler", mode="tcd", gamma=spec.gamma)
         return TLCMScheduler.from_config(cfg, mode="tcd", gamma=spec.gamma)
     # tlcm: the scheduler config the distillation run saved next to its LoRA
-    folder = Path(lora_dir) if lora_dir else None
-    if folder is None or not (folder / "scheduler" / "scheduler_config.json").is_file():
+    if not saved:
         raise TLCMError(f"scheduler 'tlcm' needs {folder}/scheduler/scheduler_config.json",
                         "point --lora at the folder written by `tlcm distill`, or use tcd/lcm")
     return TLCMScheduler.from_pretrained(str(folder), subfolder="scheduler")
@@ -657,7 +665,7 @@ def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell, scoring: dict)
     """What a cached cell result must match to be reused: the prompt set, how it was scored (``scoring``, from
     :func:`_scoring_identity`) and, for a saved scheduler, its config."""
     ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring}
-    if cell.scheduler.name == "tlcm":
+    if cell.scheduler.name in ("tlcm", "lcm", "tcd") and spec.scheduler_dir:  # lcm/tcd take the student's grid
         ident["scheduler_config"] = saved_scheduler_config(spec.scheduler_dir)
     return ident
 
