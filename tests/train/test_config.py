@@ -124,7 +124,10 @@ def test_cli_dry_run_prints_plan(capsys):
     rc = main(["distill", "--preset", "toy-mlcd", "--output-dir", "o", "--data", "d", "--dry-run",
                "--set", "num_segments=4"])
     out = capsys.readouterr().out
-    assert rc == 0 and "recipe: mlcd" in out and "edges [-1, 239, 499, 739, 999]" in out
+    assert rc == 0 and "recipe: mlcd" in out and "edges [-1, 249, 499, 749, 999]" in out  # the preset's 20-point grid
+    rc = main(["distill", "--preset", "toy-mlcd", "--output-dir", "o", "--data", "d", "--dry-run",
+               "--set", "num_ddim_timesteps=50"])
+    assert rc == 0 and "edges [-1, 239, 499, 739, 999]" in capsys.readouterr().out
 
 
 def test_cli_missing_shards_exit_code(tmp_path, capsys):
