@@ -198,7 +198,11 @@ class Model:
         return parts
 
     def unet(self, dtype=torch.float32):
-        return build_unet(self.unet_config, self.device, dtype)
+        """A UNet with the same random weights on every call (seed 0, global RNG left as it was): a stage-2 run's
+        teacher must be its stage 1's (``init_lora`` from another teacher is refused)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            return build_unet(self.unet_config, self.device, dtype)
 
     def pipeline(self, unet, dtype=torch.float32):
         """A diffusers pipeline over a fresh ``unet`` and this model's (shared) VAE and text encoders in ``dtype``."""

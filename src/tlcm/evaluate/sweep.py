@@ -275,6 +275,11 @@ class PeakMemory:
 
 
 # --- pipelines and schedulers ----------------------------------------------------------------------------------------
+def _has_saved_scheduler(folder: str | os.PathLike | None) -> bool:
+    """Whether ``folder`` (a student's output folder; ``None`` or a LoRA file: no) saved its TLCMScheduler config."""
+    return folder is not None and (Path(folder) / "scheduler" / "scheduler_config.json").is_file()
+
+
 def make_scheduler(spec: SchedulerSpec, base_config, lora_dir: str | None = None,
                    timestep_spacing: str = "trailing"):
     # ``lora_dir``: the folder holding ``scheduler/scheduler_config.json`` (a student's, also for its baseline)
@@ -292,7 +297,7 @@ def make_scheduler(spec: SchedulerSpec, base_config, lora_dir: str | None = None
     from tlcm import TLCMScheduler
 
     folder = Path(lora_dir) if lora_dir else None
-    saved = folder is not None and (folder / "scheduler" / "scheduler_config.json").is_file()
+    saved = _has_saved_scheduler(lora_dir)
     # lcm / tcd for a student (or its baseline): on the timestep grid the student was trained on (its saved
     # original_inference_steps, e.g. 20 for the toy TLCM presets), not the teacher's default of 50
     if spec.name == "lcm":
@@ -665,7 +670,8 @@ def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell, scoring: dict)
     """What a cached cell result must match to be reused: the prompt set, how it was scored (``scoring``, from
     :func:`_scoring_identity`) and, for a saved scheduler, its config."""
     ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring}
-    if cell.scheduler.name in ("tlcm", "lcm", "tcd") and spec.scheduler_dir:  # lcm/tcd take the student's grid
+    if cell.scheduler.name == "tlcm" or (cell.scheduler.name in ("lcm", "tcd") and _has_saved_scheduler(
+            spec.scheduler_dir)):  # lcm/tcd take a student's grid when its folder saved one
         ident["scheduler_config"] = saved_scheduler_config(spec.scheduler_dir)
     return ident
 
