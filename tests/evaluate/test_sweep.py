@@ -186,3 +186,27 @@ def test_lcm_and_tcd_for_a_student_walk_the_grid_it_was_trained_on(tmp_path):
         assert student_grid.timesteps.tolist() == [999, 749, 499, 249], name
     tcd = make_scheduler(SchedulerSpec.parse("tcd:0.4"), base, str(tmp_path / "student"))
     assert tcd.config.mode == "tcd" and tcd.config.gamma == 0.4 and tcd.config.boundary_condition == "none"
+
+
+def test_a_student_retrained_into_the_same_folder_is_evaluated_again(tiny_sd15_dir, prompt_file, fake_inception,
+                                                                      tmp_path):
+    """Cached cells are tied to the LoRA's weights: a student folder re-written with other weights (a re-run of
+    `tlcm distill --overwrite`) must not be reported with the old student's numbers."""
+    from .conftest import save_student
+
+    student = save_student(tmp_path / "student", 11, original_inference_steps=20)
+    opts = dict(out=str(tmp_path / "e"), model=str(tiny_sd15_dir), prompts=str(prompt_file), schedulers="ddim",
+                steps="1", guidance="3", lora=[f"s={student}"], reference_solver="dpmpp:2",
+                inception_weights=str(fake_inception), device="cpu")
+    first = {c["cell"]: c for c in run_sweep(config_from_options(**opts), log=lambda *_: None)["cells"]}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "e" / "cells").iterdir()}
+    same = {c["cell"]: c for c in run_sweep(config_from_options(**opts), log=lambda *_: None)["cells"]}
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "e" / "cells").iterdir()}  # reused
+    save_student(student, 12, original_inference_steps=20)  # other weights, same folder and sampler
+    said = []
+    again = {c["cell"]: c for c in run_sweep(config_from_options(**opts), log=said.append)["cells"]}
+    student_cells = [k for k, c in again.items() if c.get("role") == "student"]
+    assert student_cells and all(f"{k}: the cached result" in " ".join(said) for k in student_cells)
+    assert all(again[k]["fid_teacher"] != first[k]["fid_teacher"] for k in student_cells)
+    teacher_cells = [k for k in again if k not in student_cells]
+    assert teacher_cells and all(again[k]["fid_teacher"] == same[k]["fid_teacher"] for k in teacher_cells)

@@ -666,10 +666,42 @@ def _scoring_identity(cfg: SweepConfig, reference, metrics: list) -> dict:
     return json.loads(json.dumps(ident))  # as a cached row holds it (tuples become lists)
 
 
-def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell, scoring: dict) -> dict:
+def _file_identity(path: Path) -> str:
+    """sha256 of a weights file up to 256 MiB; above that its size and modification time (hashing a full SD UNet on
+    every resume would cost seconds)."""
+    st = path.stat()
+    if st.st_size > 256 * 2**20:
+        return f"size {st.st_size}, mtime_ns {st.st_mtime_ns}"
+    from tlcm.data.shards import sha256_file
+
+    return sha256_file(path)
+
+
+def _lora_identity(path: str | None) -> dict | None:
+    """The weights a LoRA path stands for: the file, or every ``.safetensors`` of a student folder (checkpoints
+    excluded), by relative name. A student re-trained into the same folder changes it."""
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        return {p.name: _file_identity(p)}
+    files = sorted(f for f in p.rglob("*.safetensors") if "checkpoints" not in f.relative_to(p).parts)
+    return {str(f.relative_to(p)): _file_identity(f) for f in files}
+
+
+def _weights_identity(spec: ModelSpec) -> dict:
+    """What a model's cells were generated with: the base model (as named), the LoRA and stacked LoRAs (their
+    weights, see :func:`_lora_identity`) and their scales."""
+    return {"base": spec.base, "lora": _lora_identity(spec.lora), "lora_weight": spec.lora_weight,
+            "extra_loras": [[_lora_identity(p), w] for p, w in spec.extra_loras]}
+
+
+def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell, scoring: dict, weights: dict) -> dict:
     """What a cached cell result must match to be reused: the prompt set, how it was scored (``scoring``, from
-    :func:`_scoring_identity`) and, for a saved scheduler, its config."""
-    ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring}
+    :func:`_scoring_identity`), the model's weights (``weights``, from :func:`_weights_identity`) and, for a saved
+    scheduler, its config."""
+    ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring,
+             "weights": json.loads(json.dumps(weights))}
     if cell.scheduler.name == "tlcm" or (cell.scheduler.name in ("lcm", "tcd") and _has_saved_scheduler(
             spec.scheduler_dir)):  # lcm/tcd take a student's grid when its folder saved one
         ident["scheduler_config"] = saved_scheduler_config(spec.scheduler_dir)
@@ -732,19 +764,20 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
     for model_name, model_cells in by_model.items():
         spec = cfg.model(model_name)
         sampling = sampling_defaults(spec.lora)
+        weights = _weights_identity(spec)
         todo = []
         for c in model_cells:
             cached = out / "cells" / f"{c.id}.json"
             if cfg.resume and cached.is_file() and (out / "grids" / f"{c.id}.png").is_file():
                 row = json.loads(cached.read_text())
-                ident = _cell_identity(cfg, spec, c, scoring)
+                ident = _cell_identity(cfg, spec, c, scoring, weights)
                 if all(row.get(k) == v for k, v in ident.items()):
                     _describe(row, spec, sampling)
                     rows.append(row)
                     done += 1
                     continue
-                log(f"{c.id}: the cached result was made with other prompts, another reference or metrics, or "
-                    "another scheduler config; recomputing")
+                log(f"{c.id}: the cached result was made with other prompts, another reference or metrics, other "
+                    "weights, or another scheduler config; recomputing")
             todo.append(c)
         if not todo:
             continue
@@ -764,7 +797,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict:
                 _warm_up(pipe, cfg, c)
                 pipes.warmed = True
             row, images, extra = run_cell(pipe, c, cfg, device, plan)
-            row.update(_cell_identity(cfg, spec, c, scoring))
+            row.update(_cell_identity(cfg, spec, c, scoring, weights))
             _describe(row, spec, sampling)
             for m in metrics:
                 row.update(m.score(images, cfg.prompts, extra))
