@@ -692,16 +692,16 @@ def _lora_identity(path: str | None) -> dict | None:
 def _weights_identity(spec: ModelSpec) -> dict:
     """What a model's cells were generated with: the base model (as named), the LoRA and stacked LoRAs (their
     weights, see :func:`_lora_identity`) and their scales."""
-    return {"base": spec.base, "lora": _lora_identity(spec.lora), "lora_weight": spec.lora_weight,
-            "extra_loras": [[_lora_identity(p), w] for p, w in spec.extra_loras]}
+    ident = {"base": spec.base, "lora": _lora_identity(spec.lora), "lora_weight": spec.lora_weight,
+             "extra_loras": [[_lora_identity(p), w] for p, w in spec.extra_loras]}
+    return json.loads(json.dumps(ident))  # as a cached row holds it; once per model, not per cell
 
 
 def _cell_identity(cfg: SweepConfig, spec: ModelSpec, cell: Cell, scoring: dict, weights: dict) -> dict:
     """What a cached cell result must match to be reused: the prompt set, how it was scored (``scoring``, from
     :func:`_scoring_identity`), the model's weights (``weights``, from :func:`_weights_identity`) and, for a saved
     scheduler, its config."""
-    ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring,
-             "weights": json.loads(json.dumps(weights))}
+    ident = {"prompt_set": prompt_set_digest(cfg), "scored_with": scoring, "weights": weights}
     if cell.scheduler.name == "tlcm" or (cell.scheduler.name in ("lcm", "tcd") and _has_saved_scheduler(
             spec.scheduler_dir)):  # lcm/tcd take a student's grid when its folder saved one
         ident["scheduler_config"] = saved_scheduler_config(spec.scheduler_dir)
